@@ -1,0 +1,1 @@
+"""Data: image decoding, dataset sources, splits, the decoded-image cache, augmentation."""

@@ -1,0 +1,77 @@
+"""Augmentation on whole batches of grayscale tensors, with independent parameters per image.
+
+The ``paper`` preset follows Section 5.7 of Gu & Lee (2024): random resized crop, horizontal
+flip and rotation (fused into one affine resampling per image), and colour jitter (brightness,
+contrast). The paper's grayscale step is the identity on images that are already gray, and its
+normalisation lives in the model (see ``medxfer.models.classifier.GrayToRGB``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from medxfer.errors import MedxferError
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    rotation_deg: float = 10.0
+    hflip_p: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, Augmentation | None] = {"paper": Augmentation(), "none": None}
+
+
+def get_augmentation(name: str) -> Augmentation | None:
+    if name not in PRESETS:
+        raise MedxferError(f"--augment {name!r}: unknown preset (choose from {sorted(PRESETS)})")
+    return PRESETS[name]
+
+
+def augment_batch(
+    images: torch.Tensor, aug: Augmentation, generator: torch.Generator
+) -> torch.Tensor:
+    """Augment a float batch (B, 1, H, W) in [0, 1]; random draws come from ``generator`` (CPU)."""
+    b = images.shape[0]
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=generator, dtype=torch.float64)
+
+    area = uniform(*aug.crop_scale)
+    log_ratio = uniform(math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1]))
+    half_w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+    half_h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+    cx = (1 - half_w) * uniform(-1, 1)
+    cy = (1 - half_h) * uniform(-1, 1)
+    angle = torch.deg2rad(uniform(-aug.rotation_deg, aug.rotation_deg))
+    flip = torch.where(torch.rand(b, generator=generator) < aug.hflip_p, -1.0, 1.0).double()
+    brightness = uniform(1 - aug.brightness, 1 + aug.brightness)
+    contrast = uniform(1 - aug.contrast, 1 + aug.contrast)
+
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    sx, sy = half_w * flip, half_h
+    theta = torch.stack(
+        [
+            torch.stack([cos * sx, -sin * sy, cx], dim=1),
+            torch.stack([sin * sx, cos * sy, cy], dim=1),
+        ],
+        dim=1,
+    ).to(images.device, images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    out = out * brightness.to(out.device, out.dtype).view(b, 1, 1, 1)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * contrast.to(out.device, out.dtype).view(b, 1, 1, 1) + mean
+    return out.clamp_(0.0, 1.0)

@@ -1,0 +1,137 @@
+"""Decode every image of a dataset once, at the working resolution, and keep it on disk.
+
+The cache entry is keyed by the bytes of the images (not their paths) and the resolution, so a
+renamed or copied dataset hits the cache and an edited image misses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medxfer.atomic import write_json, write_with
+from medxfer.data.images import load_image, resize_square, rgb_to_gray
+from medxfer.data.sources import ImageSet
+from medxfer.errors import MedxferError
+
+DECODER_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MEDXFER_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "medxfer"
+
+
+@dataclass
+class Decoded:
+    """Pixels of every record (N, S, S) uint8, which records decoded, and why others did not."""
+
+    pixels: np.ndarray
+    ok: np.ndarray
+    errors: list[tuple[str, str]]
+    key: str
+
+
+def content_hashes(imageset: ImageSet) -> list[str]:
+    """sha256 of each record's bytes (file content, or the array slice for .npz sources)."""
+    if imageset.kind == "npz":
+        return [
+            hashlib.sha256(npz_image(imageset, r.source).tobytes()).hexdigest()
+            for r in imageset.records
+        ]
+    return [_file_hash(r.source) for r in imageset.records]
+
+
+def decode_dataset(
+    imageset: ImageSet,
+    size: int,
+    cache_dir: Path | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> Decoded:
+    """Decoded pixels for ``imageset`` at ``size`` px, from the cache when possible."""
+    hashes = content_hashes(imageset)
+    key = hashlib.sha256(json.dumps([DECODER_VERSION, size, hashes]).encode()).hexdigest()[:32]
+    folder = (cache_dir or default_cache_dir()) / "images"
+    pixels_file, meta_file = folder / f"{key}.npy", folder / f"{key}.json"
+    if pixels_file.exists() and meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        errors = [tuple(e) for e in meta["errors"]]
+        if errors and not skip_bad:
+            source, reason = errors[0]
+            raise MedxferError(f"{source}: {reason}")
+        return Decoded(np.load(pixels_file), np.array(meta["ok"], dtype=bool), errors, key)
+
+    decoded = _decode_all(imageset, size, progress)
+    if decoded.errors and not skip_bad:
+        source, reason = decoded.errors[0]
+        raise MedxferError(f"{source}: {reason} (use --skip-bad to leave such images out)")
+    decoded.key = key
+    write_with(pixels_file, lambda tmp: _save_npy(tmp, decoded.pixels))
+    write_json(meta_file, {"ok": decoded.ok.tolist(), "errors": decoded.errors, "size": size})
+    return decoded
+
+
+def _decode_all(imageset: ImageSet, size: int, progress: bool) -> Decoded:
+    n = len(imageset.records)
+    pixels = np.zeros((n, size, size), dtype=np.uint8)
+    ok = np.ones(n, dtype=bool)
+    errors: list[tuple[str, str]] = []
+
+    def work(i: int) -> None:
+        record = imageset.records[i]
+        try:
+            if imageset.kind == "npz":
+                pixels[i] = resize_square(_npz_gray(imageset, record.source), size)
+            else:
+                pixels[i] = load_image(record.source, size)
+        except MedxferError as exc:
+            ok[i] = False
+            reason = str(exc).removeprefix(f"{record.source}: ")
+            errors.append((record.source, reason))
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(
+            tqdm(
+                pool.map(work, range(n)),
+                total=n,
+                desc=f"decode {size}px",
+                disable=None if progress else True,
+                leave=False,
+            )
+        )
+    errors.sort()
+    return Decoded(pixels, ok, errors, "")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, array)
+
+
+def npz_image(imageset: ImageSet, source: str) -> np.ndarray:
+    split, index = source.rsplit("#", 1)[1].split("/")
+    assert imageset.arrays is not None
+    return imageset.arrays[f"{split}_images"][int(index)]
+
+
+def _npz_gray(imageset: ImageSet, source: str) -> np.ndarray:
+    image = npz_image(imageset, source)
+    return rgb_to_gray(image) if image.ndim == 3 else image
+
+
+def _file_hash(path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            digest.update(fh.read())
+    except OSError as exc:
+        raise MedxferError(f"{path}: cannot read file ({exc.strerror})") from None
+    return digest.hexdigest()

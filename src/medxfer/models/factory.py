@@ -1,0 +1,229 @@
+"""Build an :class:`XrayClassifier` from an architecture name, a mode and a BatchNorm policy.
+
+Modes (the paper's Remark 1): ``transfer`` (ImageNet weights, backbone frozen, new head),
+``scratch`` (random init, all trainable), ``finetune`` (ImageNet weights, all trainable),
+``partial`` (ImageNet weights, the last N backbone stages trainable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from medxfer.errors import MedxferError
+from medxfer.models.classifier import GrayToRGB, XrayClassifier
+from medxfer.models.stages import backbone_stages
+from medxfer.models.weights import (
+    DEFAULT_TAG,
+    missing_weights_message,
+    torchvision_archs,
+    torchvision_weights,
+)
+
+PAPER_ARCHS = (
+    "resnet18",
+    "resnet50",
+    "densenet161",
+    "shufflenet_v2_x1_0",
+    "mobilenet_v2",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "inception_v3",
+)
+MODES = ("transfer", "scratch", "finetune", "partial")
+BN_POLICIES = ("frozen", "adapt", "train")
+NORMALIZATIONS = ("paper", "imagenet")
+PAPER_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    mode: str = "transfer"
+    bn: str = "frozen"
+    trainable_stages: int = 1
+    normalization: str = "paper"
+    weights: str | None = None  # a local weights file instead of the standard download
+    weights_tag: str = DEFAULT_TAG
+    inception_aux: bool = True  # Inception v3's auxiliary classifier (needs >= 299 px inputs)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.mode != "scratch"
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise MedxferError(f"--mode {self.mode!r}: unknown (choose from {', '.join(MODES)})")
+        if self.bn not in BN_POLICIES:
+            raise MedxferError(f"--bn {self.bn!r}: unknown (choose from {', '.join(BN_POLICIES)})")
+        if self.normalization not in NORMALIZATIONS:
+            raise MedxferError(
+                f"--normalize {self.normalization!r}: unknown "
+                f"(choose from {', '.join(NORMALIZATIONS)})"
+            )
+        if self.weights and not Path(self.weights).is_file():
+            raise MedxferError(f"{self.weights}: weights file not found")
+        if self.mode == "partial" and self.trainable_stages < 1:
+            raise MedxferError("--trainable-stages must be at least 1 in partial mode")
+        if self.arch.startswith("timm/"):
+            import timm
+
+            if not timm.is_model(self.arch[5:]):
+                raise MedxferError(f"unknown timm architecture {self.arch[5:]!r}")
+        elif self.arch not in torchvision_archs():
+            raise MedxferError(
+                f"unknown architecture {self.arch!r}: use a torchvision classifier name "
+                f"(see `medxfer models`) or timm/NAME"
+            )
+
+
+def default_image_size(arch: str) -> int:
+    return 299 if arch == "inception_v3" else 224
+
+
+def create_model(spec: ModelSpec, load_weights: bool = True) -> XrayClassifier:
+    """Build the classifier, load weights, apply the mode's freezing. Raises MedxferError.
+
+    ``load_weights=False`` builds the same structure without fetching any weights (for
+    restoring a trained model from its own state dict).
+    """
+    spec.validate()
+    if spec.arch.startswith("timm/"):
+        backbone, num_features, mean_std = _timm_backbone(spec, load_weights)
+    else:
+        backbone, num_features, mean_std = _torchvision_backbone(spec, load_weights)
+    prep = GrayToRGB(*(PAPER_MEAN_STD if spec.normalization == "paper" else mean_std))
+    model = XrayClassifier(prep, backbone, num_features)
+    _apply_mode(model, spec)
+    return model
+
+
+def weights_digest(spec: ModelSpec) -> str:
+    """A short identity of the weights a spec loads (for cache keys)."""
+    if not spec.pretrained:
+        return "random"
+    if spec.weights:
+        return _file_sha256(spec.weights)[:16]
+    if spec.arch.startswith("timm/"):
+        return f"timm:{spec.arch}"
+    weights = torchvision_weights(spec.arch, spec.weights_tag)
+    return weights.filename if weights else "none"
+
+
+def _torchvision_backbone(spec: ModelSpec, load_weights: bool) -> tuple[nn.Module, int, tuple]:
+    weights = torchvision_weights(spec.arch, spec.weights_tag)
+    kwargs = {"aux_logits": True, "init_weights": False} if spec.arch == "inception_v3" else {}
+    if not load_weights:
+        model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
+    elif spec.pretrained and not spec.weights:
+        if weights is None:
+            raise MedxferError(f"{spec.arch}: torchvision has no pretrained weights for it")
+        try:
+            model = torchvision.models.get_model(spec.arch, weights=weights.enum, **kwargs)
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            raise MedxferError(missing_weights_message(spec.arch, weights, exc)) from None
+    else:
+        if spec.arch == "inception_v3" and not spec.pretrained:
+            kwargs["init_weights"] = True
+        model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
+        if spec.weights:
+            _load_state_dict(model, spec.weights)
+    if spec.arch == "inception_v3":
+        # Inception's weights expect inputs scaled to [-1, 1] (the paper's normalisation);
+        # ``transform_input`` converts ImageNet-normalised inputs into that range.
+        model.transform_input = spec.normalization == "imagenet" and spec.pretrained
+    num_features = _drop_last_linear(model)
+    mean_std = weights.mean_std if weights else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return model, num_features, mean_std
+
+
+def _timm_backbone(spec: ModelSpec, load_weights: bool) -> tuple[nn.Module, int, tuple]:
+    import timm
+
+    name = spec.arch[5:]
+    overlay = {"file": str(spec.weights)} if spec.weights else None
+    try:
+        model = timm.create_model(
+            name,
+            pretrained=spec.pretrained and load_weights,
+            num_classes=0,
+            pretrained_cfg_overlay=overlay,
+        )
+    except Exception as exc:  # hub errors come in many types
+        raise MedxferError(
+            f"ImageNet weights for timm/{name} could not be loaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); pass a local file with --weights PATH"
+        ) from None
+    cfg = model.pretrained_cfg
+    mean_std = (
+        tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+    )
+    return model, model.num_features, mean_std
+
+
+def _drop_last_linear(model: nn.Module) -> int:
+    """Replace the classifier's final Linear by Identity; return its input width."""
+    name, last = None, None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear) and not n.startswith("AuxLogits"):
+            name, last = n, m
+    if last is None:
+        raise MedxferError(f"{type(model).__name__}: no final Linear layer to replace")
+    model.set_submodule(name, nn.Identity())
+    if hasattr(model, "AuxLogits") and model.AuxLogits is not None:
+        model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, 1)
+    return last.in_features
+
+
+def _apply_mode(model: XrayClassifier, spec: ModelSpec) -> None:
+    backbone = model.backbone
+    if getattr(backbone, "AuxLogits", None) is not None and (
+        spec.mode == "transfer" or not spec.inception_aux
+    ):
+        backbone.aux_logits, backbone.AuxLogits = False, None  # a frozen probe needs no aux
+    if spec.mode in ("scratch", "finetune"):
+        return
+    backbone.requires_grad_(False)
+    if spec.mode == "transfer":
+        model.frozen = [backbone] if spec.bn != "train" else []
+        return
+    stages = backbone_stages(backbone)
+    if spec.trainable_stages > len(stages):
+        raise MedxferError(
+            f"--trainable-stages {spec.trainable_stages}: {spec.arch} has only {len(stages)} stages"
+        )
+    for _, module in stages[-spec.trainable_stages :]:
+        module.requires_grad_(True)
+    if getattr(backbone, "AuxLogits", None) is not None:
+        backbone.AuxLogits.requires_grad_(True)
+    if spec.bn != "train":
+        model.frozen = [m for _, m in stages[: -spec.trainable_stages]]
+
+
+def _load_state_dict(model: nn.Module, path: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MedxferError(f"{path}: cannot read weights ({exc})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MedxferError(
+            f"{path}: weights do not fit {type(model).__name__} ({str(exc).splitlines()[0]})"
+        ) from None
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Training: device choice, metrics, the frozen-backbone feature cache and the epoch loop."""

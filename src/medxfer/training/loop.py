@@ -1,0 +1,260 @@
+"""The epoch loop shared by every mode. What varies is the *source* of training inputs:
+augmented images through the whole model, or cached backbone features through the head."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from medxfer.data.augment import Augmentation, augment_batch
+from medxfer.training.device import autocast
+from medxfer.training.features import to_input
+from medxfer.training.metrics import binary_metrics
+
+AUX_LOSS_WEIGHT = 0.4  # Inception v3's auxiliary classifier, as in torchvision's references
+
+
+class ImageSource:
+    """Training inputs are freshly augmented images; the whole model runs forward."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pixels: torch.Tensor,
+        device: torch.device,
+        aug: Augmentation | None,
+        seed: int,
+        eval_batch_size: int,
+    ) -> None:
+        self.net = model
+        self.eval_batch_size = eval_batch_size
+        self.pixels = pixels.to(device) if device.type == "cuda" else pixels
+        self.device, self.aug = device, aug
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    def train_inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        x = to_input(self.pixels[idx.to(self.pixels.device)], self.device)
+        return augment_batch(x, self.aug, self.generator) if self.aug else x
+
+    def eval_inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        return to_input(self.pixels[idx.to(self.pixels.device)], self.device)
+
+
+class HeadOnly(nn.Module):
+    """The classifier's head applied to precomputed features."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features).squeeze(1)
+
+
+class FeatureSource:
+    """Training inputs are cached backbone features: each epoch draws one of the K stored
+    augmented views for every training image; evaluation uses the clean view."""
+
+    def __init__(
+        self,
+        head: nn.Linear,
+        clean: torch.Tensor,
+        views: torch.Tensor | None,
+        train_index: torch.Tensor,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.net = HeadOnly(head)
+        self.eval_batch_size = 4096
+        self.clean = clean.to(device)
+        self.views = views.to(device) if views is not None else None
+        self.row = torch.full((len(clean),), -1, dtype=torch.long)
+        self.row[train_index] = torch.arange(len(train_index))
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    def train_inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.views is None:
+            return self.clean[idx.to(self.device)]
+        view = torch.randint(len(self.views), (len(idx),), generator=self.generator)
+        return self.views[view.to(self.device), self.row[idx].to(self.device)]
+
+    def eval_inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.clean[idx.to(self.device)]
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: enough to continue the loop exactly where it stopped."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float = float("inf")
+    best_state: dict | None = None
+    optimizer: dict | None = None
+    generators: dict | None = None
+
+
+def build_optimizer(
+    params, name: str, lr: float, weight_decay: float, momentum: float
+) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """'Balanced' weights w_c = N / (2 N_c): each class carries half of the loss."""
+    counts = torch.bincount(labels, minlength=2).double().clamp(min=1)
+    return (len(labels) / (2 * counts)).float()
+
+
+def weighted_bce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    per_image = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    return (per_image * weights[target]).mean()
+
+
+@torch.inference_mode()
+def predict(
+    net: nn.Module,
+    source,
+    indices: torch.Tensor,
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> np.ndarray:
+    """Positive-class probabilities for ``indices``."""
+    net.eval()
+    out = []
+    for chunk in indices.split(source.eval_batch_size):
+        with autocast(device, amp):
+            logits = net(source.eval_inputs(chunk))
+        out.append(torch.sigmoid(logits.float()).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def fit(
+    source,
+    labels: torch.Tensor,
+    splits: dict[str, torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    amp: torch.dtype | None,
+    select: str,
+    seed: int,
+    state: TrainState,
+    on_epoch_end: Callable[[TrainState], None] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainState:
+    """Train ``source.net`` for the remaining epochs of ``state``; evaluate val/test each epoch.
+
+    The best epoch (by ``select`` on validation data only) is kept in ``state.best_state``.
+    """
+    net = source.net
+    train_idx = splits["train"]
+    train_labels = labels[train_idx]
+    weights = class_weights(train_labels).to(device)
+    order = torch.Generator().manual_seed(seed)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    if state.generators:
+        order.set_state(state.generators["order"])
+        source.generator.set_state(state.generators["source"])
+    labels_dev = labels.to(device)
+
+    for epoch in range(state.epoch + 1, epochs + 1):
+        started = time.perf_counter()
+        net.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        perm = train_idx[torch.randperm(len(train_idx), generator=order)]
+        batches = perm.split(batch_size)
+        for chunk in tqdm(
+            batches, desc=f"epoch {epoch}/{epochs}", disable=None if progress else True, leave=False
+        ):
+            target = labels_dev[chunk.to(device)]
+            with autocast(device, amp):
+                out = net(source.train_inputs(chunk))
+            if isinstance(out, tuple):  # Inception v3 auxiliary head
+                logits = out[0]
+                loss = weighted_bce(out[0], target, weights) + AUX_LOSS_WEIGHT * weighted_bce(
+                    out[1], target, weights
+                )
+            else:
+                logits = out
+                loss = weighted_bce(logits, target, weights)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.item() * len(chunk)
+            correct += int(((logits.detach() >= 0).long() == target).sum())
+            seen += len(chunk)
+
+        row: dict = {
+            "epoch": epoch,
+            "train_loss": total_loss / seen,
+            "train_accuracy": correct / seen,
+        }
+        for split in ("val", "test"):
+            if split in splits:
+                prob = predict(net, source, splits[split], device, amp)
+                metrics = binary_metrics(labels[splits[split]].numpy(), prob)
+                row.update(
+                    {
+                        f"{split}_{k}": v
+                        for k, v in metrics.items()
+                        if k not in ("confusion_matrix", "threshold", "n")
+                    }
+                )
+        row["seconds"] = time.perf_counter() - started
+        state.history.append(row)
+        score = _selection_score(row, select)
+        if score <= state.best_score:
+            state.best_score, state.best_epoch = score, epoch
+            state.best_state = copy.deepcopy(net.state_dict())
+        state.epoch = epoch
+        state.optimizer = optimizer.state_dict()
+        state.generators = {"order": order.get_state(), "source": source.generator.get_state()}
+        log(_epoch_line(row))
+        if on_epoch_end:
+            on_epoch_end(state)
+    return state
+
+
+def _selection_score(row: dict, select: str) -> float:
+    """Lower is better. Without a validation split every rule falls back to the last epoch."""
+    if select == "val_loss" and "val_loss" in row:
+        return row["val_loss"]
+    if select == "val_auc" and row.get("val_roc_auc") is not None:
+        return -row["val_roc_auc"]
+    return -float(row["epoch"])
+
+
+def _epoch_line(row: dict) -> str:
+    parts = [
+        f"epoch {row['epoch']:>3}",
+        f"train loss {row['train_loss']:.4f}",
+        f"acc {row['train_accuracy']:.3f}",
+    ]
+    for split in ("val", "test"):
+        if f"{split}_loss" in row:
+            auc = row[f"{split}_roc_auc"]
+            parts.append(
+                f"{split} loss {row[f'{split}_loss']:.4f} acc "
+                f"{row[f'{split}_accuracy']:.3f} auc {auc if auc is None else round(auc, 3)}"
+            )
+    parts.append(f"{row['seconds']:.1f}s")
+    return " | ".join(parts)
