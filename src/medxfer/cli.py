@@ -10,6 +10,8 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+import numpy as np
+
 from medxfer.errors import MedxferError
 
 TRAIN_HELP = {
@@ -32,6 +34,7 @@ TRAIN_HELP = {
     "positive": "positive class (default: PNEUMONIA, else the second class in sorted order)",
     "select": "best-epoch rule on validation data: val_loss, val_auc or last",
     "threshold": "operating point chosen on validation: 0.5, youden, or sens=0.95",
+    "calibrate": "temperature: fit a temperature on validation logits (Guo et al. 2017)",
     "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps",
     "amp": "mixed precision on CUDA (bf16 where supported)",
     "skip_bad": "leave unreadable images out (listed in metrics.json) instead of stopping",
@@ -90,6 +93,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="architectures and whether their weights are here")
     p.add_argument("--all", action="store_true", help="every torchvision classifier")
     p.set_defaults(handler=_models)
+
+    p = sub.add_parser("predict", help="probabilities for new images (files, folders, globs)")
+    p.add_argument("run", type=Path)
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--out", type=Path, help="write .csv or .json here (default: CSV on stdout)")
+    p.add_argument("--threshold", type=float, help="default: the run's own operating point")
+    p.add_argument("--cam", type=Path, help="write a Grad-CAM overlay PNG per image here")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_predict)
+
+    p = sub.add_parser("export", help="ONNX or TorchScript with preprocessing inside")
+    p.add_argument("run", type=Path)
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", type=Path, help="default: RUN/model.onnx or RUN/model.ts")
+    p.add_argument(
+        "--dynamic-batch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="any batch size (ONNX; TorchScript traces are batch-agnostic)",
+    )
+    p.set_defaults(handler=_export)
+
+    p = sub.add_parser("similarity", help="feature distance between natural and medical images")
+    p.add_argument("--arch", help="architecture (default: the run's)")
+    p.add_argument("--natural", required=True, help="folder of natural photos")
+    p.add_argument("--medical", required=True, help="medical dataset (folder, .npz or .csv)")
+    p.add_argument("--run", type=Path, help="a trained run: also measure its fine-tuned backbone")
+    p.add_argument("--layers", nargs="+", help="backbone stages to measure (default: all)")
+    p.add_argument("--split", default="test", help="split of the medical dataset")
+    p.add_argument("--image-size", type=int, help="default: the run's, else the arch's")
+    p.add_argument("--max-images", type=int, help="at most N images per domain")
+    p.add_argument("--natural-gray", action="store_true", help="convert photos to gray too")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_similarity)
 
     p = sub.add_parser("weights", help="put weight files where torch's hub cache looks")
     p.add_argument("files", nargs="+", type=Path)
@@ -191,6 +232,114 @@ def _models(args: argparse.Namespace) -> int:
     )
     if not args.all:
         print("`medxfer models --all` lists every torchvision classifier.")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import pandas as pd
+
+    from medxfer.atomic import write_json, write_with
+    from medxfer.inference.predict import expand_inputs, predict_files
+    from medxfer.rundir import load_model
+    from medxfer.training.device import select_device
+
+    model, saved = load_model(args.run)
+    files = expand_inputs(args.inputs)
+    device = select_device(args.device)
+    results = predict_files(
+        model, saved, files, device, args.threshold, args.batch_size, progress=not args.quiet
+    )
+    rows = pd.DataFrame([dataclasses.asdict(r) for r in results])
+    if args.out and args.out.suffix.lower() == ".json":
+        write_json(args.out, rows.astype(object).where(rows.notna(), None).to_dict("records"))
+    elif args.out:
+        write_with(args.out, lambda tmp: rows.to_csv(tmp, index=False))
+    else:
+        rows.to_csv(sys.stdout, index=False)
+    if args.cam:
+        _write_cams(
+            model,
+            saved,
+            [f for f, r in zip(files, results, strict=True) if r.error is None],
+            args.cam,
+        )
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"medxfer: {r.file}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _write_cams(model, saved: dict, files: list[Path], folder: Path) -> None:
+    import torch
+
+    from medxfer.data.images import load_image
+    from medxfer.inference.cam import grad_cam, save_overlay
+    from medxfer.rundir import saved_resolution
+
+    size = saved_resolution(saved)
+    used: set[str] = set()
+    for start in range(0, len(files), 16):
+        chunk = files[start : start + 16]
+        gray = [load_image(f, size) for f in chunk]
+        heat = grad_cam(model, torch.from_numpy(np.stack(gray)).unsqueeze(1).float() / 255.0)
+        for f, g, h in zip(chunk, gray, heat, strict=True):
+            name = f"{f.stem}_cam.png"
+            n = 1
+            while name in used:
+                n += 1
+                name = f"{f.stem}_{n}_cam.png"
+            used.add(name)
+            save_overlay(g, h, folder / name)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from medxfer.inference.export import export_model
+    from medxfer.rundir import load_model
+
+    model, saved = load_model(args.run)
+    default = args.run / ("model.onnx" if args.format == "onnx" else "model.ts")
+    path = export_model(model, saved, args.out or default, args.format, args.dynamic_batch)
+    print(f"wrote {path} and {path}.json")
+    return 0
+
+
+def _similarity(args: argparse.Namespace) -> int:
+    from medxfer.similarity.study import measure
+
+    result = measure(
+        args.arch,
+        args.natural,
+        args.medical,
+        args.out,
+        run=args.run,
+        layers=args.layers,
+        split=args.split,
+        image_size=args.image_size,
+        max_images=args.max_images,
+        natural_gray=args.natural_gray,
+        device_name=args.device,
+        progress=not args.quiet,
+    )
+    print(
+        f"{'stage':<18}{'dim':>6}{'D(C,M)':>10}{'D(C,C)':>10}{'D(M,M)':>10}{'ratio':>7}"
+        f"{'cos':>7}{'FID':>10}" + ("   fine-tuned: ratio   cos     FID" if args.run else "")
+    )
+    for s in result["stages"]:
+        p = s["pretrained"]
+        line = (
+            f"{s['stage']:<18}{s['dim']:>6}{p['euclidean']['cross']:>10.3f}"
+            f"{p['euclidean']['natural']:>10.3f}{p['euclidean']['medical']:>10.3f}"
+            f"{p['euclidean']['ratio']:>7.3f}{p['cosine']['cross']:>7.3f}{p['fid']:>10.2f}"
+        )
+        if "finetuned" in s:
+            f = s["finetuned"]
+            line += f"{f['euclidean']['ratio']:>19.3f}{f['cosine']['cross']:>7.3f}{f['fid']:>8.2f}"
+        print(line)
+    if "proposition_5" in result:
+        print(f"Proposition 5 (final features): {result['proposition_5']}")
+    print(f"wrote {args.out / 'similarity.json'} and {args.out / 'similarity.png'}")
     return 0
 
 

@@ -39,6 +39,7 @@ class RunConfig:
     positive: str | None = None
     select: str = "val_loss"
     threshold: str = "0.5"
+    calibrate: str = "none"  # none | temperature (fitted on validation data)
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -83,6 +84,7 @@ class RunConfig:
             (self.views >= 1, "--views must be at least 1"),
             (self.resolution >= 32, "--image-size must be at least 32"),
             (self.optimizer in ("adam", "adamw", "sgd"), "--optimizer: choose adam, adamw or sgd"),
+            (self.calibrate in ("none", "temperature"), "--calibrate: choose none or temperature"),
             (
                 self.select in ("val_loss", "val_auc", "last"),
                 "--select: choose val_loss, val_auc or last",

@@ -20,6 +20,7 @@ METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
 MODEL = "model.pt"
 CHECKPOINT = "checkpoint.pt"
+RELIABILITY = "reliability.png"
 
 
 def is_complete(run: Path) -> bool:
@@ -44,6 +45,11 @@ def load_model(run: Path) -> tuple[XrayClassifier, dict]:
     model = create_model(cfg.model_spec, load_weights=False)
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved
+
+
+def saved_resolution(saved: dict) -> int:
+    """The input size a saved model was trained at."""
+    return RunConfig.from_dict(saved["config"]).resolution
 
 
 def environment() -> dict:

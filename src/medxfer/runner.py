@@ -20,6 +20,11 @@ from medxfer.data.prepared import PreparedData, prepare_data
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import create_model, weights_digest
+from medxfer.training.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    reliability_diagram,
+)
 from medxfer.training.device import amp_dtype, select_device
 from medxfer.training.features import (
     FeatureCache,
@@ -34,6 +39,8 @@ from medxfer.training.loop import (
     build_optimizer,
     fit,
     predict,
+    predict_logits,
+    sigmoid,
 )
 from medxfer.training.metrics import binary_metrics, bootstrap_ci, choose_threshold
 
@@ -208,12 +215,10 @@ def _make_source(
         "weights": weights_digest(cfg.model_spec),
         "bn": cfg.bn,
         "normalize": cfg.normalize,
-        "data": data.data_key,
         "resolution": cfg.resolution,
     }
     if cfg.bn == "adapt":
-        base["adapted_on"] = data.split_key("train")
-    everything = torch.arange(len(data.records))
+        base["adapted_on"] = data.index_key(data.splits["train"])
 
     def run(indices, view_seed=None):
         gen = torch.Generator().manual_seed(view_seed) if view_seed is not None else None
@@ -229,10 +234,15 @@ def _make_source(
             progress=progress,
         )
 
-    clean = cache.get({**base, "view": "clean"}, run(everything))
+    train_idx = data.splits["train"]
+    # With augmentation, training reads only augmented views: the clean view is needed for
+    # evaluation alone, which saves one backbone pass over the training images.
+    clean_idx = torch.cat([data.splits[s] for s in ("val", "test") if s in data.splits])
+    if aug is None:
+        clean_idx = torch.cat([train_idx, clean_idx])
+    clean = cache.get({**base, "view": "clean", "rows": data.index_key(clean_idx)}, run(clean_idx))
     views = None
     if aug is not None:
-        train_idx = data.splits["train"]
         views = torch.stack(
             [
                 cache.get(
@@ -241,14 +251,14 @@ def _make_source(
                         "view": v,
                         "augment": aug.describe(),
                         "seed": cfg.seed,
-                        "rows": data.split_key("train"),
+                        "rows": data.index_key(train_idx),
                     },
                     run(train_idx, view_seed=cfg.seed * 1000 + v),
                 )
                 for v in range(cfg.views)
             ]
         )
-    source = FeatureSource(model.head, clean, views, data.splits["train"], device, cfg.seed)
+    source = FeatureSource(model.head, clean, clean_idx, views, train_idx, device, cfg.seed)
     return source, time.perf_counter() - started
 
 
@@ -265,17 +275,37 @@ def _finish(
     feature_seconds: float,
 ) -> None:
     net = source.net
-    val_prob = None
-    if "val" in data.splits:
-        val_prob = predict(net, source, data.splits["val"], device, amp)
-    val_y = data.labels[data.splits["val"]].numpy() if "val" in data.splits else None
-    threshold = choose_threshold(cfg.threshold, val_y, val_prob)
-    test_idx = data.splits["test"]
-    test_prob = predict(net, source, test_idx, device, amp)
+    val_idx, test_idx = data.splits.get("val"), data.splits["test"]
+    val_logits = predict_logits(net, source, val_idx, device, amp) if val_idx is not None else None
+    val_y = data.labels[val_idx].numpy() if val_idx is not None else None
+    test_logits = predict_logits(net, source, test_idx, device, amp)
     test_y = data.labels[test_idx].numpy()
+    temperature = 1.0
+    if cfg.calibrate == "temperature":
+        if val_logits is None:
+            raise MedxferError("--calibrate temperature: needs a validation split")
+        temperature = fit_temperature(val_logits, val_y)
+    val_prob = sigmoid(val_logits, temperature) if val_logits is not None else None
+    test_prob = sigmoid(test_logits, temperature)
+    threshold = choose_threshold(cfg.threshold, val_y, val_prob)
     test = binary_metrics(test_y, test_prob, threshold)
     if cfg.bootstrap:
         test["ci95"] = bootstrap_ci(test_y, test_prob, threshold, cfg.bootstrap, cfg.seed)
+    raw_test_prob = sigmoid(test_logits)
+    calibration = {
+        "method": cfg.calibrate,
+        "temperature": temperature,
+        "bins": 15,
+        "test_ece_uncalibrated": expected_calibration_error(test_y, raw_test_prob),
+        "test_ece": expected_calibration_error(test_y, test_prob),
+    }
+    if val_prob is not None:
+        calibration["val_ece_uncalibrated"] = expected_calibration_error(val_y, sigmoid(val_logits))
+        calibration["val_ece"] = expected_calibration_error(val_y, val_prob)
+    curves = {"test, uncalibrated": (test_y, raw_test_prob)}
+    if temperature != 1.0:
+        curves[f"test, temperature {temperature:.2f}"] = (test_y, test_prob)
+    write_with(out / rundir.RELIABILITY, lambda tmp: reliability_diagram(curves, tmp))
     metrics = {
         "arch": cfg.arch,
         "mode": cfg.mode,
@@ -284,6 +314,7 @@ def _finish(
         "negative": data.negative,
         "threshold": threshold,
         "threshold_rule": cfg.threshold,
+        "calibration": calibration,
         "selected_epoch": state.best_epoch,
         "selection": cfg.select,
         "test": test,
@@ -310,6 +341,7 @@ def _finish(
         "config": cfg.to_dict(),
         "state_dict": model.cpu().state_dict(),
         "threshold": threshold,
+        "temperature": temperature,
         "positive": data.positive,
         "negative": data.negative,
         "classes": data.imageset.classes,

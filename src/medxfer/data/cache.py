@@ -37,6 +37,7 @@ class Decoded:
     ok: np.ndarray
     errors: list[tuple[str, str]]
     key: str
+    hashes: list[str]  # sha256 of each record's bytes
 
 
 def content_hashes(imageset: ImageSet) -> list[str]:
@@ -67,13 +68,13 @@ def decode_dataset(
         if errors and not skip_bad:
             source, reason = errors[0]
             raise MedxferError(f"{source}: {reason}")
-        return Decoded(np.load(pixels_file), np.array(meta["ok"], dtype=bool), errors, key)
+        return Decoded(np.load(pixels_file), np.array(meta["ok"], dtype=bool), errors, key, hashes)
 
     decoded = _decode_all(imageset, size, progress)
     if decoded.errors and not skip_bad:
         source, reason = decoded.errors[0]
         raise MedxferError(f"{source}: {reason} (use --skip-bad to leave such images out)")
-    decoded.key = key
+    decoded.key, decoded.hashes = key, hashes
     write_with(pixels_file, lambda tmp: _save_npy(tmp, decoded.pixels))
     write_json(meta_file, {"ok": decoded.ok.tolist(), "errors": decoded.errors, "size": size})
     return decoded
@@ -108,7 +109,7 @@ def _decode_all(imageset: ImageSet, size: int, progress: bool) -> Decoded:
             )
         )
     errors.sort()
-    return Decoded(pixels, ok, errors, "")
+    return Decoded(pixels, ok, errors, "", [])
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ class PreparedData:
     splits: dict[str, torch.Tensor]  # split name -> record indices
     positive: str
     data_key: str  # identity of the decoded pixels (content hash + resolution)
+    hashes: list[str]  # sha256 of each record's bytes
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -32,12 +34,10 @@ class PreparedData:
     def negative(self) -> str:
         return next(c for c in self.imageset.classes if c != self.positive)
 
-    def split_key(self, split: str) -> str:
-        """Identity of one split's membership (for cache keys)."""
-        import hashlib
-
-        idx = self.splits[split].numpy().tobytes()
-        return hashlib.sha256(self.data_key.encode() + idx).hexdigest()[:16]
+    def index_key(self, indices: torch.Tensor) -> str:
+        """Identity of a set of records (for cache keys)."""
+        chosen = "".join(self.hashes[i] for i in indices.tolist())
+        return hashlib.sha256(chosen.encode()).hexdigest()[:16]
 
 
 def prepare_data(
@@ -90,6 +90,7 @@ def prepare_data(
         splits,
         positive,
         decoded.key,
+        [decoded.hashes[i] for i in keep],
         skipped,
     )
 

@@ -16,12 +16,14 @@ class GrayToRGB(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
 
     def forward(self, gray: torch.Tensor) -> torch.Tensor:
-        rgb = (gray.expand(-1, 3, -1, -1) - self.mean) / self.std
-        return rgb.contiguous(memory_format=torch.channels_last)
+        # Broadcasting (B, H, W, 1) against (3,) writes each pixel's three channels side by
+        # side: one pass, and the result is already channels-last, which convolutions prefer.
+        rgb = (gray.permute(0, 2, 3, 1) - self.mean) / self.std
+        return rgb.permute(0, 3, 1, 2)
 
 
 class XrayClassifier(nn.Module):

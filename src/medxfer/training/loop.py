@@ -61,12 +61,17 @@ class HeadOnly(nn.Module):
 
 class FeatureSource:
     """Training inputs are cached backbone features: each epoch draws one of the K stored
-    augmented views for every training image; evaluation uses the clean view."""
+    augmented views for every training image; evaluation uses the clean view.
+
+    ``clean`` holds features of the records ``clean_index``; ``views`` (K, n, D) those of
+    ``train_index`` (None: train on the clean view, i.e. without augmentation).
+    """
 
     def __init__(
         self,
         head: nn.Linear,
         clean: torch.Tensor,
+        clean_index: torch.Tensor,
         views: torch.Tensor | None,
         train_index: torch.Tensor,
         device: torch.device,
@@ -74,21 +79,29 @@ class FeatureSource:
     ) -> None:
         self.net = HeadOnly(head)
         self.eval_batch_size = 4096
+        self.device = device
         self.clean = clean.to(device)
         self.views = views.to(device) if views is not None else None
-        self.row = torch.full((len(clean),), -1, dtype=torch.long)
-        self.row[train_index] = torch.arange(len(train_index))
-        self.device = device
+        size = int(max(clean_index.max(), train_index.max())) + 1
+        self.clean_row = _row_map(clean_index, size)
+        self.view_row = _row_map(train_index, size)
         self.generator = torch.Generator().manual_seed(seed + 1)
 
     def train_inputs(self, idx: torch.Tensor) -> torch.Tensor:
         if self.views is None:
-            return self.clean[idx.to(self.device)]
+            return self.eval_inputs(idx)
         view = torch.randint(len(self.views), (len(idx),), generator=self.generator)
-        return self.views[view.to(self.device), self.row[idx].to(self.device)]
+        return self.views[view.to(self.device), self.view_row[idx].to(self.device)]
 
     def eval_inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.clean[idx.to(self.device)]
+        return self.clean[self.clean_row[idx].to(self.device)]
+
+
+def _row_map(index: torch.Tensor, size: int) -> torch.Tensor:
+    """record index -> row in a feature array holding ``index`` (-1 where absent)."""
+    rows = torch.full((size,), -1, dtype=torch.long)
+    rows[index] = torch.arange(len(index))
+    return rows
 
 
 @dataclass
@@ -126,21 +139,32 @@ def weighted_bce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tens
 
 
 @torch.inference_mode()
-def predict(
+def predict_logits(
     net: nn.Module,
     source,
     indices: torch.Tensor,
     device: torch.device,
     amp: torch.dtype | None,
 ) -> np.ndarray:
-    """Positive-class probabilities for ``indices``."""
+    """Logits of the positive class for ``indices`` (float64)."""
     net.eval()
     out = []
     for chunk in indices.split(source.eval_batch_size):
         with autocast(device, amp):
             logits = net(source.eval_inputs(chunk))
-        out.append(torch.sigmoid(logits.float()).cpu())
+        out.append(logits.double().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+
+
+def predict(
+    net: nn.Module, source, indices: torch.Tensor, device: torch.device, amp: torch.dtype | None
+) -> np.ndarray:
+    """Positive-class probabilities for ``indices``."""
+    return sigmoid(predict_logits(net, source, indices, device, amp))
 
 
 def fit(

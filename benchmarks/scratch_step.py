@@ -1,0 +1,96 @@
+"""Training images per second of medxfer's from-scratch loop versus a bare training step.
+
+medxfer's path: decoded uint8 images in memory -> per-image paper augmentation on the batch ->
+gray-to-RGB + normalisation -> forward, class-weighted BCE, backward, Adam step (`fit`, one epoch,
+no evaluation). Baseline, in the same process: the same model (channels-last) on random float
+tensors already in memory, forward + backward + Adam step at the same batch size.
+
+    python benchmarks/scratch_step.py --arch resnet18 --size 128 --images 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from medxfer.data.augment import get_augmentation
+from medxfer.models import ModelSpec, create_model
+from medxfer.training.loop import ImageSource, TrainState, build_optimizer, fit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (args.images, args.size, args.size), dtype=torch.uint8)
+    labels = torch.randint(0, 2, (args.images,))
+    splits = {"train": torch.arange(args.images)}
+
+    model = create_model(ModelSpec(args.arch, mode="scratch")).to(memory_format=torch.channels_last)
+    source = ImageSource(model, pixels, device, get_augmentation("paper"), 0, 8)
+    opt = build_optimizer(model.parameters(), "adam", 1e-3, 0.0, 0.9)
+
+    def ours() -> None:
+        fit(
+            source,
+            labels,
+            splits,
+            epochs=1,
+            batch_size=args.batch_size,
+            optimizer=opt,
+            device=device,
+            amp=None,
+            select="last",
+            seed=0,
+            state=TrainState(),
+            progress=False,
+            log=lambda _: None,
+        )
+
+    bare = create_model(ModelSpec(args.arch, mode="scratch")).backbone
+    head = torch.nn.Linear(model.num_features, 1)
+    bare.to(memory_format=torch.channels_last).train()
+    bare_opt = build_optimizer(
+        list(bare.parameters()) + list(head.parameters()), "adam", 1e-3, 0.0, 0.9
+    )
+    x = torch.rand(args.images, 3, args.size, args.size).contiguous(
+        memory_format=torch.channels_last
+    )
+    y = labels.float()
+
+    def baseline() -> None:
+        for xb, yb in zip(x.split(args.batch_size), y.split(args.batch_size), strict=True):
+            out = bare(xb)
+            out = out[0] if isinstance(out, tuple) else out
+            loss = F.binary_cross_entropy_with_logits(head(out).squeeze(1), yb)
+            bare_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            bare_opt.step()
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.arch} at "
+        f"{args.size} px, {args.images} images, batch {args.batch_size}"
+    )
+    ours(), baseline()  # warm-up
+    samples: dict[str, list[float]] = {"medxfer": [], "bare": []}
+    for _ in range(args.repeats):
+        for name, fn in (("medxfer", ours), ("bare", baseline)):
+            started = time.perf_counter()
+            fn()
+            samples[name].append(args.images / (time.perf_counter() - started))
+    a, b = statistics.median(samples["medxfer"]), statistics.median(samples["bare"])
+    print(f"medxfer {a:.1f} img/s, bare step {b:.1f} img/s, ratio {a / b:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Per-stage features of a backbone for two image sets: natural photos (RGB) and medical
+images (gray replicated into RGB), each globally average-pooled to one vector per stage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from medxfer.data.images import RASTER_SUFFIXES
+from medxfer.errors import MedxferError
+from medxfer.models.classifier import XrayClassifier
+from medxfer.models.stages import backbone_stages
+
+POOLED = "pooled"  # the backbone's final feature vector, the head's input
+
+
+def load_photos(
+    folder: str | Path, size: int, gray: bool = False, limit: int | None = None
+) -> torch.Tensor:
+    """Photos of a folder as uint8 (N, 3, size, size): shorter side resized, centre crop."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MedxferError(f"{folder}: natural-image folder not found")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in RASTER_SUFFIXES)
+    if not files:
+        raise MedxferError(f"{folder}: no JPEG or PNG photos")
+    files = files[:limit] if limit else files
+    out = np.zeros((len(files), 3, size, size), dtype=np.uint8)
+    for i, path in enumerate(files):
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if gray else "RGB").convert("RGB")
+                scale = size / min(img.size)
+                w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+                img = img.resize((w, h), Image.Resampling.BILINEAR)
+                left, top = (w - size) // 2, (h - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+                out[i] = np.asarray(img).transpose(2, 0, 1)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise MedxferError(f"{path}: unreadable image ({exc})") from None
+    return torch.from_numpy(out)
+
+
+def stage_names(model: XrayClassifier, layers: list[str] | None) -> list[str]:
+    names = [n for n, _ in backbone_stages(model.backbone)]
+    if not layers:
+        return [*names, POOLED]
+    unknown = [n for n in layers if n not in (*names, POOLED)]
+    if unknown:
+        raise MedxferError(
+            f"--layers {unknown}: not stages of this backbone "
+            f"(choose from {', '.join([*names, POOLED])})"
+        )
+    return layers
+
+
+@torch.inference_mode()
+def stage_features(
+    model: XrayClassifier,
+    rgb_batches: Iterable[torch.Tensor],
+    names: list[str],
+    device: torch.device,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Run normalised RGB batches through the backbone; pooled output of each named stage."""
+    modules = dict(backbone_stages(model.backbone))
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def hook(name):
+        def keep(_module, _inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            captured[name].append((out.mean(dim=(2, 3)) if out.ndim == 4 else out).float().cpu())
+
+        return keep
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names if n != POOLED]
+    model.eval().to(device)
+    try:
+        for batch in tqdm(
+            rgb_batches, desc="features", disable=None if progress else True, leave=False
+        ):
+            pooled = model.backbone(batch.to(device))
+            if POOLED in captured:
+                captured[POOLED].append(pooled.float().cpu())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: torch.cat(v) for n, v in captured.items()}
+
+
+def rgb_batches(model: XrayClassifier, images: torch.Tensor, batch: int):
+    """uint8 (N, 3, S, S) photos -> batches normalised like the model's own input."""
+    mean, std = model.prep.mean.cpu().view(1, 3, 1, 1), model.prep.std.cpu().view(1, 3, 1, 1)
+    for chunk in images.split(batch):
+        yield ((chunk.float() / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def gray_batches(model: XrayClassifier, pixels: torch.Tensor, batch: int):
+    """uint8 (N, S, S) gray images -> batches through the model's gray-to-RGB ``prep``."""
+    for chunk in pixels.split(batch):
+        yield model.prep(chunk.unsqueeze(1).float() / 255.0)

@@ -1,0 +1,174 @@
+"""``medxfer similarity``: how close an ImageNet backbone maps medical images to natural ones,
+per stage, before and after fine-tuning (Proposition 4, Conjecture 1 and Proposition 5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from medxfer import rundir
+from medxfer.atomic import write_json, write_with
+from medxfer.data.prepared import prepare_data
+from medxfer.errors import MedxferError
+from medxfer.models.classifier import XrayClassifier
+from medxfer.models.factory import ModelSpec, create_model, default_image_size
+from medxfer.similarity.features import (
+    gray_batches,
+    load_photos,
+    rgb_batches,
+    stage_features,
+    stage_names,
+)
+from medxfer.similarity.measures import (
+    frechet_distance,
+    linear_cka,
+    mean_pairwise_cosine,
+    mean_pairwise_euclidean,
+)
+from medxfer.training.device import select_device
+from medxfer.training.features import inference_batch_size
+
+
+def domain_measures(natural: torch.Tensor, medical: torch.Tensor) -> dict:
+    """Eq. 9 across and within the domains (Euclidean, cosine), and FID across them."""
+    euclid = {
+        "cross": mean_pairwise_euclidean(natural, medical),
+        "natural": mean_pairwise_euclidean(natural),
+        "medical": mean_pairwise_euclidean(medical),
+    }
+    euclid["ratio"] = euclid["cross"] / ((euclid["natural"] + euclid["medical"]) / 2)
+    cosine = {
+        "cross": mean_pairwise_cosine(natural, medical),
+        "natural": mean_pairwise_cosine(natural),
+        "medical": mean_pairwise_cosine(medical),
+    }
+    return {"euclidean": euclid, "cosine": cosine, "fid": frechet_distance(natural, medical)}
+
+
+def measure(
+    arch: str | None,
+    natural_dir: str,
+    medical_data: str,
+    out: Path,
+    *,
+    run: Path | None = None,
+    layers: list[str] | None = None,
+    split: str = "test",
+    image_size: int | None = None,
+    max_images: int | None = None,
+    natural_gray: bool = False,
+    device_name: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Compute every measure per stage and write ``similarity.json`` and ``similarity.png``."""
+    device = select_device(device_name)
+    finetuned, saved = rundir.load_model(run) if run else (None, None)
+    cfg = rundir.read_config(run) if run else None
+    arch = arch or (cfg.arch if cfg else None)
+    if arch is None:
+        raise MedxferError("--arch is required without --run")
+    if cfg and cfg.arch != arch:
+        raise MedxferError(f"--arch {arch} but run {run} trained {cfg.arch}")
+    normalize = cfg.normalize if cfg else "paper"
+    size = image_size or (cfg.resolution if cfg else default_image_size(arch))
+    pretrained = create_model(
+        ModelSpec(
+            arch, mode="transfer", normalization=normalize, weights=cfg.weights if cfg else None
+        )
+    )
+    names = stage_names(pretrained, layers)
+    data = prepare_data(
+        medical_data, size, positive=saved["positive"] if saved else None, progress=progress
+    )
+    if split not in data.splits:
+        raise MedxferError(f"{medical_data}: no {split!r} split")
+    medical = data.pixels[data.splits[split]][:max_images]
+    photos = load_photos(natural_dir, size, gray=natural_gray, limit=max_images)
+    if len(medical) < 2 or len(photos) < 2:
+        raise MedxferError("need at least 2 images in each domain")
+    batch = inference_batch_size(None, device)
+
+    def features(model: XrayClassifier) -> tuple[dict, dict]:
+        nat = stage_features(model, rgb_batches(model, photos, batch), names, device, progress)
+        med = stage_features(model, gray_batches(model, medical, batch), names, device, progress)
+        return nat, med
+
+    pre_nat, pre_med = features(pretrained)
+    post = features(finetuned) if finetuned is not None else None
+    stages = []
+    for name in names:
+        entry = {
+            "stage": name,
+            "dim": int(pre_nat[name].shape[1]),
+            "pretrained": domain_measures(pre_nat[name], pre_med[name]),
+        }
+        if post:
+            entry["finetuned"] = domain_measures(post[0][name], post[1][name])
+            entry["cka_pretrained_vs_finetuned"] = {
+                "natural": linear_cka(pre_nat[name], post[0][name]),
+                "medical": linear_cka(pre_med[name], post[1][name]),
+            }
+        stages.append(entry)
+    result = {
+        "arch": arch,
+        "run": str(run) if run else None,
+        "image_size": size,
+        "normalize": normalize,
+        "natural": str(natural_dir),
+        "medical": str(medical_data),
+        "split": split,
+        "n_natural": len(photos),
+        "n_medical": len(medical),
+        "natural_gray": natural_gray,
+        "stages": stages,
+    }
+    if post:
+        final = stages[-1]
+        result["proposition_5"] = {
+            "stage": final["stage"],
+            "euclidean_cross_pretrained": final["pretrained"]["euclidean"]["cross"],
+            "euclidean_cross_finetuned": final["finetuned"]["euclidean"]["cross"],
+            "holds_raw": final["finetuned"]["euclidean"]["cross"]
+            < final["pretrained"]["euclidean"]["cross"],
+            "holds_relative": final["finetuned"]["euclidean"]["ratio"]
+            < final["pretrained"]["euclidean"]["ratio"],
+            "holds_fid": final["finetuned"]["fid"] < final["pretrained"]["fid"],
+        }
+    out = Path(out)
+    write_json(out / "similarity.json", result)
+    write_with(out / "similarity.png", lambda tmp: _plot(result, tmp))
+    return result
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = result["stages"]
+    x = range(len(stages))
+    panels = [
+        ("Eq. 9 Euclidean, cross / within", lambda m: m["euclidean"]["ratio"], False),
+        ("Eq. 9 cosine distance, cross", lambda m: m["cosine"]["cross"], False),
+        ("FID", lambda m: m["fid"], True),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (title, value, log) in zip(axes, panels, strict=True):
+        ax.plot(x, [value(s["pretrained"]) for s in stages], "o-", label="ImageNet pretrained")
+        if "finetuned" in stages[0]:
+            ax.plot(x, [value(s["finetuned"]) for s in stages], "s--", label="fine-tuned")
+        ax.set_title(title)
+        ax.set_xticks(list(x), [s["stage"] for s in stages], rotation=70, fontsize=7)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(
+        f"{result['arch']}: natural photos (n={result['n_natural']}) vs medical "
+        f"images (n={result['n_medical']}) per backbone stage"
+    )
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=150)
+    plt.close(fig)
