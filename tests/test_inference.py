@@ -23,8 +23,15 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def trained_run(small_kermany, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
-    cfg = RunConfig(data=str(small_kermany), out=str(out), image_size=64, epochs=2,
-                    bootstrap=0, calibrate="temperature", threshold="youden")
+    cfg = RunConfig(
+        data=str(small_kermany),
+        out=str(out),
+        image_size=64,
+        epochs=2,
+        bootstrap=0,
+        calibrate="temperature",
+        threshold="youden",
+    )
     return train(cfg, progress=False, log=lambda _: None)
 
 
@@ -33,7 +40,7 @@ def test_run_records_calibration(trained_run):
     cal = metrics["calibration"]
     assert cal["method"] == "temperature" and cal["temperature"] > 0
     assert 0 <= cal["test_ece"] <= 1 and 0 <= cal["test_ece_uncalibrated"] <= 1
-    assert cal["val_ece"] <= cal["val_ece_uncalibrated"] + 1e-9  # fitted on validation
+    assert cal["val_nll"] <= cal["val_nll_uncalibrated"] + 1e-9  # T minimises validation NLL
     assert (trained_run / rundir.RELIABILITY).stat().st_size > 5000
     saved = torch.load(trained_run / rundir.MODEL, weights_only=False)
     assert saved["threshold"] == metrics["threshold"] and saved["temperature"] == cal["temperature"]
@@ -69,11 +76,23 @@ def test_predict_folder_with_a_corrupt_file(trained_run, small_kermany, tmp_path
 def test_predict_json_threshold_override_and_glob(trained_run, small_kermany, tmp_path):
     out = tmp_path / "pred.json"
     pattern = str(small_kermany / "test" / "NORMAL" / "*.jpeg")
-    assert main(["predict", str(trained_run), pattern, "--out", str(out), "--threshold", "1.0",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(trained_run),
+                pattern,
+                "--out",
+                str(out),
+                "--threshold",
+                "1.0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())
-    assert len(rows) == 10 and all(r["predicted"] == "NORMAL" and r["error"] is None
-                                   for r in rows)
+    assert len(rows) == 10 and all(r["predicted"] == "NORMAL" and r["error"] is None for r in rows)
 
 
 def test_expand_inputs_errors(tmp_path):
@@ -99,8 +118,9 @@ def test_ece_and_temperature():
 def test_every_architecture_has_a_cam_layer(arch):
     model = create_model(ModelSpec(arch, mode="scratch"))
     name, _ = target_layer(model)
-    assert name in dict(__import__("medxfer.models.stages", fromlist=["x"]).backbone_stages(
-        model.backbone))
+    assert name in dict(
+        __import__("medxfer.models.stages", fromlist=["x"]).backbone_stages(model.backbone)
+    )
 
 
 def _blobs(n, size=224, seed=0):
@@ -128,8 +148,15 @@ def test_grad_cam_peaks_on_the_blob(tmp_path):
     for split, n, seed in (("train", 120, 0), ("val", 20, 1), ("test", 20, 2)):
         arrays[f"{split}_images"], arrays[f"{split}_labels"], _ = _blobs(n, seed=seed)
     np.savez(tmp_path / "blobs.npz", **arrays)
-    cfg = RunConfig(data=str(tmp_path / "blobs.npz"), out=str(tmp_path / "run"),
-                    epochs=15, augment="none", bootstrap=0, val_fraction=0, lr=1e-2)
+    cfg = RunConfig(
+        data=str(tmp_path / "blobs.npz"),
+        out=str(tmp_path / "run"),
+        epochs=15,
+        augment="none",
+        bootstrap=0,
+        val_fraction=0,
+        lr=1e-2,
+    )
     run = train(cfg, progress=False, log=lambda _: None)
     assert json.loads((run / rundir.METRICS).read_text())["test"]["accuracy"] >= 0.9
     model, _ = rundir.load_model(run)
@@ -151,8 +178,7 @@ def test_grad_cam_peaks_on_the_blob(tmp_path):
 def test_cam_overlays_from_cli(trained_run, small_kermany, tmp_path):
     cams = tmp_path / "cams"
     files = sorted((small_kermany / "test" / "PNEUMONIA").iterdir())[:3]
-    assert main(["predict", str(trained_run), *map(str, files), "--cam", str(cams),
-                 "--quiet"]) == 0
+    assert main(["predict", str(trained_run), *map(str, files), "--cam", str(cams), "--quiet"]) == 0
     written = sorted(p.name for p in cams.iterdir())
     assert written == sorted(f"{f.stem}_cam.png" for f in files)
 
@@ -162,8 +188,10 @@ def test_onnx_export_matches_pytorch(trained_run, kermany, tmp_path):
 
     out = tmp_path / "model.onnx"
     assert main(["export", str(trained_run), "--format", "onnx", "--out", str(out)]) == 0
-    files = sorted((kermany / "test" / "PNEUMONIA").iterdir())[:5] + sorted(
-        (kermany / "test" / "NORMAL").iterdir())[:4]
+    files = (
+        sorted((kermany / "test" / "PNEUMONIA").iterdir())[:5]
+        + sorted((kermany / "test" / "NORMAL").iterdir())[:4]
+    )
     gray = np.stack([load_image(f, 64) for f in files])[:, None].astype(np.float32) / 255
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     onnx_prob = session.run(None, {"gray": gray})[0]

@@ -104,3 +104,54 @@ def test_similarity_command_on_real_images(small_kermany, tmp_path):
         assert e["cross"] > 0 and e["natural"] > 0 and e["medical"] > 0
         assert stage["pretrained"]["fid"] > 0
     assert (out / "similarity.png").stat().st_size > 10_000
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not NATURAL.is_dir(), reason="natural photos not present")
+def test_similarity_before_and_after_finetuning(small_kermany, tmp_path):
+    from medxfer.config import RunConfig
+    from medxfer.runner import train
+
+    run = train(
+        RunConfig(
+            data=str(small_kermany),
+            out=str(tmp_path / "ft"),
+            mode="finetune",
+            image_size=64,
+            epochs=1,
+            bootstrap=0,
+        ),
+        progress=False,
+        log=lambda _: None,
+    )
+    out = tmp_path / "sim"
+    assert (
+        main(
+            [
+                "similarity",
+                "--run",
+                str(run),
+                "--natural",
+                str(NATURAL),
+                "--medical",
+                str(small_kermany),
+                "--max-images",
+                "12",
+                "--layers",
+                "features.18",
+                "pooled",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    result = json.loads((out / "similarity.json").read_text())
+    assert result["arch"] == "mobilenet_v2" and result["image_size"] == 64
+    for stage in result["stages"]:
+        cka = stage["cka_pretrained_vs_finetuned"]
+        assert 0 < cka["natural"] <= 1 and 0 < cka["medical"] <= 1
+        # fine-tuning moved the weights, so the features differ from the pretrained ones
+        assert stage["finetuned"]["fid"] != pytest.approx(stage["pretrained"]["fid"])
+    assert set(result["proposition_5"]) >= {"holds_raw", "holds_relative", "holds_fid"}

@@ -33,6 +33,7 @@ def test_transfer_run_writes_a_complete_run_folder(small_kermany, tmp_path):
         rundir.METRICS,
         rundir.PREDICTIONS,
         rundir.MODEL,
+        rundir.RELIABILITY,
     }
     config = json.loads((out / rundir.CONFIG).read_text())
     assert config["run"]["arch"] == "mobilenet_v2" and config["resolved"]["feature_cache"]

@@ -132,6 +132,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_similarity)
 
+    p = sub.add_parser("study", help="run a grid of experiments (locally or on Ray)")
+    study = p.add_subparsers(dest="study_command", required=True)
+    for name in ("run", "show"):
+        q = study.add_parser(name, help="run every cell" if name == "run" else "list the cells")
+        q.add_argument("study", help="a study TOML file or preset: paper, paper-offline, quick")
+        q.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a base run option, e.g. --set image_size=96",
+        )
+        if name == "run":
+            q.add_argument("--out", required=True, type=Path)
+            q.add_argument("--executor", choices=["local", "ray"], default="local")
+            q.add_argument("--workers", type=int, default=1, help="local: parallel cells")
+            q.add_argument("--address", help="ray: join this cluster (default: start one here)")
+            q.add_argument("--cpus-per-cell", type=float, help="ray: CPUs per cell (default 1)")
+            q.add_argument("--gpus-per-cell", type=float, default=0, help="ray: GPUs per cell")
+        q.set_defaults(handler=_study_run if name == "run" else _study_show)
+
+    p = sub.add_parser("report", help="Markdown + HTML report of a study's results")
+    p.add_argument("study_dir", type=Path)
+    p.set_defaults(handler=_report)
+
     p = sub.add_parser("weights", help="put weight files where torch's hub cache looks")
     p.add_argument("files", nargs="+", type=Path)
     p.set_defaults(handler=_weights)
@@ -340,6 +365,44 @@ def _similarity(args: argparse.Namespace) -> int:
     if "proposition_5" in result:
         print(f"Proposition 5 (final features): {result['proposition_5']}")
     print(f"wrote {args.out / 'similarity.json'} and {args.out / 'similarity.png'}")
+    return 0
+
+
+def _study_run(args: argparse.Namespace) -> int:
+    from medxfer.study.execute import run_study
+    from medxfer.study.spec import load_study
+
+    study = load_study(args.study, args.set)
+    run_study(
+        study,
+        args.out,
+        executor=args.executor,
+        workers=args.workers,
+        address=args.address,
+        cpus_per_cell=args.cpus_per_cell,
+        gpus_per_cell=args.gpus_per_cell,
+    )
+    return 0
+
+
+def _study_show(args: argparse.Namespace) -> int:
+    from medxfer.study.spec import load_study
+
+    study = load_study(args.study, args.set)
+    cells = study.cells()
+    print(f"study {study.name}: {len(cells)} cells; base {study.base}")
+    for cell in cells:
+        print(f"  {cell.name}")
+    for name in study.skipped:
+        print(f"  (skipped, no weights here) {name}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from medxfer.study.report import write_report
+
+    md, html = write_report(args.study_dir)
+    print(f"wrote {md} and {html}")
     return 0
 
 

@@ -26,7 +26,7 @@ class RunConfig:
     image_size: int | None = None  # None: the architecture's own (299 for inception_v3)
     augment: str = "paper"
     feature_cache: bool = True  # frozen backbones: train the head on cached features
-    views: int = 3  # augmented views per training image in the feature cache
+    views: int = 2  # augmented views per training image in the feature cache
     epochs: int = 20
     batch_size: int = 64
     eval_batch_size: int | None = None  # None: 8 on CPU (fastest there), 256 on GPUs

@@ -302,6 +302,8 @@ def _finish(
     if val_prob is not None:
         calibration["val_ece_uncalibrated"] = expected_calibration_error(val_y, sigmoid(val_logits))
         calibration["val_ece"] = expected_calibration_error(val_y, val_prob)
+        calibration["val_nll_uncalibrated"] = binary_metrics(val_y, sigmoid(val_logits))["loss"]
+        calibration["val_nll"] = binary_metrics(val_y, val_prob)["loss"]
     curves = {"test, uncalibrated": (test_y, raw_test_prob)}
     if temperature != 1.0:
         curves[f"test, temperature {temperature:.2f}"] = (test_y, test_prob)

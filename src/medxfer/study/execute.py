@@ -1,0 +1,140 @@
+"""Run a study's cells: skip finished ones, resume interrupted ones, never run one twice at once.
+
+Each cell is an ordinary run folder (``DIR/runs/CELL``), so everything that makes a single run
+safe (atomic files, ``metrics.json`` written last, checkpoints) makes the study safe: after a
+``kill -9`` the same command finishes the study. A lock per cell (``fcntl``, released by the
+kernel when its process dies) keeps two executors off the same cell.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+from medxfer import rundir
+from medxfer.config import RunConfig
+from medxfer.errors import MedxferError
+from medxfer.study.spec import Cell, Study
+from medxfer.study.table import write_results
+
+EXECUTORS = ("local", "ray")
+
+
+def run_cell(options: dict, out: str, lock_dir: str, threads: int | None = None) -> str:
+    """Train one cell unless it is finished or locked by another executor; return its state."""
+    import torch
+
+    from medxfer.runner import train
+
+    if rundir.is_complete(Path(out)):
+        return "done"
+    Path(lock_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(lock_dir) / f"{Path(out).name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "locked"
+        if threads:
+            torch.set_num_threads(threads)
+        train(RunConfig(out=out, **options), progress=False, log=lambda _: None)
+    return "trained"
+
+
+def run_study(
+    study: Study,
+    out: Path,
+    *,
+    executor: str = "local",
+    workers: int = 1,
+    address: str | None = None,
+    cpus_per_cell: float | None = None,
+    gpus_per_cell: float = 0,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run every cell of ``study`` into ``out`` and write the results table."""
+    cells = study.cells()
+    for name in study.skipped:
+        log(f"skip {name}: ImageNet weights not available here")
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(cell, _absolute(cell), str(out / "runs" / cell.name)) for cell in cells]
+    lock_dir = str(out / "locks")
+    log(
+        f"study {study.name}: {len(cells)} cells, "
+        f"{sum(rundir.is_complete(Path(o)) for *_, o in jobs)} already finished"
+    )
+    started = time.perf_counter()
+    if executor == "local":
+        _run_local(jobs, lock_dir, workers, out, study, log)
+    elif executor == "ray":
+        _run_ray(jobs, lock_dir, address, cpus_per_cell, gpus_per_cell, out, study, log)
+    else:
+        raise MedxferError(f"--executor {executor!r}: choose {' or '.join(EXECUTORS)}")
+    path = write_results(out, study)
+    log(f"study {study.name}: finished in {time.perf_counter() - started:.0f} s; table {path}")
+    return path
+
+
+def _run_local(jobs, lock_dir: str, workers: int, out: Path, study: Study, log) -> None:
+    if workers <= 1:
+        for cell, options, run_out in jobs:
+            log(f"{cell.name}: {run_cell(options, run_out, lock_dir)}")
+            write_results(out, study)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = {
+            pool.submit(run_cell, options, run_out, lock_dir, threads): cell
+            for cell, options, run_out in jobs
+        }
+        for future in as_completed(futures):
+            log(f"{futures[future].name}: {future.result()}")
+            write_results(out, study)
+
+
+def _run_ray(
+    jobs,
+    lock_dir: str,
+    address: str | None,
+    cpus: float | None,
+    gpus: float,
+    out: Path,
+    study: Study,
+    log,
+) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise MedxferError("--executor ray needs Ray: pip install 'ray[default]'") from None
+    cpus = cpus or 1
+    ray.init(
+        address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False
+    )
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(run_cell)
+    pending = {
+        task.remote(options, run_out, lock_dir, max(1, int(cpus))): cell
+        for cell, options, run_out in jobs
+    }
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                cell = pending.pop(ref)
+                log(f"{cell.name}: {ray.get(ref)}")
+            write_results(out, study)
+    finally:
+        if address is None:
+            ray.shutdown()
+
+
+def _absolute(cell: Cell) -> dict:
+    """Options with file paths made absolute, so that remote workers find them."""
+    options = dict(cell.options)
+    for key in ("data", "weights", "cache_dir"):
+        if options.get(key):
+            options[key] = str(Path(options[key]).expanduser().resolve())
+    return options

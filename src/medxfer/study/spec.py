@@ -1,0 +1,114 @@
+"""A study file (TOML): shared run options, a grid of values, and which cells to keep."""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from medxfer.config import RunConfig
+from medxfer.errors import MedxferError
+from medxfer.models.factory import ModelSpec
+from medxfer.models.weights import torchvision_weights
+
+
+@dataclass
+class Cell:
+    name: str
+    options: dict[str, Any]  # RunConfig fields except ``out``
+
+
+@dataclass
+class Study:
+    name: str
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    skip_unavailable_weights: bool = False
+    source: str = ""
+    skipped: list[str] = field(default_factory=list)
+
+    def cells(self) -> list[Cell]:
+        """Every combination of the grid over ``base``, in grid order."""
+        keys = list(self.grid)
+        cells, self.skipped = [], []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            options = {**self.base, **dict(zip(keys, values, strict=True))}
+            name = "-".join(_slug(k, v) for k, v in zip(keys, values, strict=True))
+            if self.skip_unavailable_weights and not weights_available(options):
+                self.skipped.append(name)
+                continue
+            cells.append(Cell(name, options))
+        return cells
+
+
+PRESETS = ("paper", "paper-offline", "quick")
+
+
+def load_study(source: str, overrides: list[str] | None = None) -> Study:
+    """A study from a preset name or a TOML path; ``overrides`` are ``key=value`` for base."""
+    if source in PRESETS:
+        text = resources.files("medxfer.study.presets").joinpath(f"{source}.toml").read_text()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise MedxferError(f"{source}: no such study file (or preset: {', '.join(PRESETS)})")
+        text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise MedxferError(f"{source}: invalid TOML ({exc})") from None
+    meta, base, grid = raw.get("study", {}), dict(raw.get("base", {})), raw.get("grid", {})
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        base[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    known = {f.name for f in fields(RunConfig)} - {"out"}
+    for key in [*base, *grid]:
+        if key not in known:
+            raise MedxferError(f"{source}: {key!r} is not a run option")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise MedxferError(f"{source}: grid.{key} must be a non-empty list")
+        base.pop(key, None)
+    if "data" not in base:
+        raise MedxferError(f"{source}: base.data is required")
+    study = Study(
+        meta.get("name", Path(source).stem),
+        base,
+        grid,
+        bool(meta.get("skip_unavailable_weights", False)),
+        source,
+    )
+    for cell in study.cells():  # validate every cell before anything runs
+        RunConfig(out="-", **cell.options).validate()
+    return study
+
+
+def weights_available(options: dict[str, Any]) -> bool:
+    """Whether a pretrained cell can get its weights here without a download."""
+    spec = ModelSpec(
+        options.get("arch", "mobilenet_v2"),
+        options.get("mode", "transfer"),
+        weights=options.get("weights"),
+    )
+    if not spec.pretrained or spec.weights:
+        return True
+    if spec.arch.startswith("timm/"):
+        return False
+    weights = torchvision_weights(spec.arch, options.get("weights_tag", "IMAGENET1K_V1"))
+    return weights is not None and weights.cached_path.exists()
+
+
+def _slug(key: str, value: Any) -> str:
+    text = str(value).replace("/", "_")
+    short = {"arch": "", "mode": "", "lr": "lr", "seed": "s"}.get(key, f"{key}=")
+    return f"{short}{text}"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text

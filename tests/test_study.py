@@ -1,0 +1,137 @@
+"""Studies: grid expansion, resumable execution (kill -9 included), Ray, the report."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from medxfer.cli import main
+from medxfer.errors import MedxferError
+from medxfer.study.execute import run_study
+from medxfer.study.spec import load_study
+
+pytestmark = pytest.mark.integration
+
+
+def write_study(
+    path, data, archs=("mobilenet_v2",), modes=("transfer", "scratch"), lrs=(1e-3,), epochs=1
+):
+    path.write_text(
+        f"""
+[study]
+name = "tiny"
+skip_unavailable_weights = true
+
+[base]
+data = "{data}"
+epochs = {epochs}
+image_size = 64
+bootstrap = 20
+limit_per_class = 16
+
+[grid]
+arch = {list(archs)!r}
+mode = {list(modes)!r}
+lr = {list(lrs)!r}
+seed = [0]
+""".replace("'", '"')
+    )
+    return path
+
+
+def test_presets_and_weight_filter():
+    paper = load_study("paper")
+    assert len(paper.cells()) == 8 * 2 * 2
+    offline = load_study("paper-offline")
+    names = [c.name for c in offline.cells()]
+    # only MobileNet v2's ImageNet file is in the (test) hub cache
+    assert "mobilenet_v2-transfer-lr0.001-s0" in names
+    assert "resnet18-transfer-lr0.001-s0" not in names and "resnet18-scratch-lr0.001-s0" in names
+    assert len(names) == 8 * 2 + 1 * 2
+    assert load_study("quick", ["epochs=1"]).base["epochs"] == 1
+
+
+def test_bad_study_file(tmp_path):
+    (tmp_path / "s.toml").write_text('[base]\ndata = "x"\n[grid]\ncolour = ["red"]\n')
+    with pytest.raises(MedxferError, match="'colour' is not a run option"):
+        load_study(str(tmp_path / "s.toml"))
+
+
+def test_study_runs_skips_finished_and_reports(small_kermany, tmp_path, capsys):
+    study = write_study(
+        tmp_path / "s.toml", small_kermany, archs=("mobilenet_v2", "resnet18"), lrs=(1e-3, 1e-4)
+    )
+    out = tmp_path / "study"
+    assert main(["study", "run", str(study), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "results.csv")
+    # resnet18 transfer has no weights here: 2 lrs x (mobilenet x 2 modes + resnet18 scratch)
+    assert len(table) == 6 and table.cell.is_unique
+    assert set(table.columns) >= {
+        "arch",
+        "mode",
+        "lr",
+        "accuracy",
+        "accuracy_ci_low",
+        "seconds",
+        "device",
+    }
+    assert len(pd.read_parquet(out / "results.parquet")) == 6
+    capsys.readouterr()
+    assert main(["study", "run", str(study), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count(": done") == 6  # nothing trained twice
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Table 2: learning rate 0.001" in report and "## Table 3" in report
+    assert "(90.9, " in report  # the paper's MobileNet v2 transfer accuracy beside ours
+    assert report.count("**") >= 2 * 6  # a bold winner in every column of each pair
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "<table>" in html
+
+
+def test_study_survives_kill_9(small_kermany, tmp_path):
+    study = write_study(
+        tmp_path / "s.toml", small_kermany, modes=("scratch",), lrs=(1e-3, 1e-4), epochs=3
+    )
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "medxfer.cli", "study", "run", str(study), "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    first = out / "runs" / "mobilenet_v2-scratch-lr0.001-s0"
+    deadline = time.time() + 300
+    while not (first / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # mid-run: an epoch finished, the run is not
+    process.wait()
+    assert not (first / "metrics.json").exists()
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    table = pd.read_csv(out / "results.csv")
+    assert sorted(table.cell) == [
+        "mobilenet_v2-scratch-lr0.0001-s0",
+        "mobilenet_v2-scratch-lr0.001-s0",
+    ]
+    history = pd.read_csv(first / "history.csv")
+    assert list(history.epoch) == [1, 2, 3]  # resumed, not restarted or duplicated
+    assert not list((out / "runs").glob("*/checkpoint.pt"))
+
+
+def test_ray_executor_on_a_local_instance(small_kermany, tmp_path):
+    ray = pytest.importorskip("ray")
+    study = load_study(str(write_study(tmp_path / "s.toml", small_kermany)))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        path = run_study(
+            study,
+            tmp_path / "study",
+            executor="ray",
+            cpus_per_cell=1,
+            address="auto",
+            log=lambda _: None,
+        )
+    finally:
+        ray.shutdown()
+    table = pd.read_csv(path)
+    assert sorted(table["mode"]) == ["scratch", "transfer"]
