@@ -83,3 +83,13 @@ def test_thresholds():
     assert binary_metrics(y, p, sens)["recall"] == 1.0
     with pytest.raises(MedxferError, match="needs a validation split"):
         choose_threshold("youden", None, None)
+
+
+def test_threshold_rules_are_checked_up_front():
+    from medxfer.config import RunConfig
+
+    for bad in ("abc", "sens=2", "1.5"):
+        with pytest.raises(MedxferError, match="--threshold"):
+            RunConfig(data="d", out="o", threshold=bad).validate()
+    for good in ("0.5", "youden", "sens=0.9"):
+        RunConfig(data="d", out="o", threshold=good).validate()

@@ -53,6 +53,12 @@ def test_presets_and_weight_filter():
     assert "resnet18-transfer-lr0.001-s0" not in names and "resnet18-scratch-lr0.001-s0" in names
     assert len(names) == 8 * 2 + 1 * 2
     assert load_study("quick", ["epochs=1"]).base["epochs"] == 1
+    narrowed = load_study("paper", grid_overrides=["arch=resnet18,mobilenet_v2", "lr=1e-3"])
+    assert [c.name for c in narrowed.cells()][:2] == [
+        "resnet18-scratch-lr0.001-s0",
+        "resnet18-transfer-lr0.001-s0",
+    ]
+    assert len(narrowed.cells()) == 4
 
 
 def test_bad_study_file(tmp_path):
@@ -135,3 +141,25 @@ def test_ray_executor_on_a_local_instance(small_kermany, tmp_path):
         ray.shutdown()
     table = pd.read_csv(path)
     assert sorted(table["mode"]) == ["scratch", "transfer"]
+
+
+def test_study_show_with_overrides(capsys):
+    assert (
+        main(
+            [
+                "study",
+                "show",
+                "paper",
+                "--grid",
+                "arch=resnet18",
+                "--grid",
+                "lr=1e-3",
+                "--set",
+                "epochs=2",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "study paper: 2 cells" in out and "'epochs': 2" in out
+    assert "resnet18-scratch-lr0.001-s0" in out and "resnet18-transfer-lr0.001-s0" in out

@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a base run option, e.g. --set image_size=96",
         )
+        q.add_argument(
+            "--grid",
+            action="append",
+            default=[],
+            metavar="KEY=V1,V2",
+            help="replace a grid axis, e.g. --grid arch=mobilenet_v2,resnet18",
+        )
         if name == "run":
             q.add_argument("--out", required=True, type=Path)
             q.add_argument("--executor", choices=["local", "ray"], default="local")
@@ -372,7 +379,7 @@ def _study_run(args: argparse.Namespace) -> int:
     from medxfer.study.execute import run_study
     from medxfer.study.spec import load_study
 
-    study = load_study(args.study, args.set)
+    study = load_study(args.study, args.set, args.grid)
     run_study(
         study,
         args.out,
@@ -388,7 +395,7 @@ def _study_run(args: argparse.Namespace) -> int:
 def _study_show(args: argparse.Namespace) -> int:
     from medxfer.study.spec import load_study
 
-    study = load_study(args.study, args.set)
+    study = load_study(args.study, args.set, args.grid)
     cells = study.cells()
     print(f"study {study.name}: {len(cells)} cells; base {study.base}")
     for cell in cells:

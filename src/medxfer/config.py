@@ -73,7 +73,12 @@ class RunConfig:
         return self.feature_cache and self.mode == "transfer" and self.bn in ("frozen", "adapt")
 
     def validate(self) -> None:
+        from medxfer.data.augment import get_augmentation
+        from medxfer.training.metrics import check_threshold_rule
+
         self.model_spec.validate()
+        get_augmentation(self.augment)
+        check_threshold_rule(self.threshold)
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (

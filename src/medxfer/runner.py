@@ -62,9 +62,6 @@ def train(
         _check_same(cfg, out)
         log(f"{out}: run already complete")
         return out
-    get_augmentation(cfg.augment)
-    if cfg.threshold not in ("youden",) and not cfg.threshold.startswith("sens="):
-        choose_threshold(cfg.threshold, None, None)  # validates a numeric rule
     device = select_device(cfg.device)
     amp = amp_dtype(device, cfg.amp)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None

@@ -47,8 +47,11 @@ class Study:
 PRESETS = ("paper", "paper-offline", "quick")
 
 
-def load_study(source: str, overrides: list[str] | None = None) -> Study:
-    """A study from a preset name or a TOML path; ``overrides`` are ``key=value`` for base."""
+def load_study(
+    source: str, overrides: list[str] | None = None, grid_overrides: list[str] | None = None
+) -> Study:
+    """A study from a preset name or a TOML path; ``overrides`` are ``key=value`` for base,
+    ``grid_overrides`` ``key=v1,v2`` to replace (or add) a grid axis."""
     if source in PRESETS:
         text = resources.files("medxfer.study.presets").joinpath(f"{source}.toml").read_text()
     else:
@@ -64,6 +67,9 @@ def load_study(source: str, overrides: list[str] | None = None) -> Study:
     for item in overrides or []:
         key, _, value = item.partition("=")
         base[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    for item in grid_overrides or []:
+        key, _, values = item.partition("=")
+        grid[key.strip().replace("-", "_")] = [_parse_value(v.strip()) for v in values.split(",")]
     known = {f.name for f in fields(RunConfig)} - {"out"}
     for key in [*base, *grid]:
         if key not in known:

@@ -202,7 +202,10 @@ def fit(
     for epoch in range(state.epoch + 1, epochs + 1):
         started = time.perf_counter()
         net.train()
-        total_loss, correct, seen = 0.0, 0, 0
+        # Running sums stay on the device: no host synchronisation inside the epoch.
+        total_loss = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
         perm = train_idx[torch.randperm(len(train_idx), generator=order)]
         batches = perm.split(batch_size)
         for chunk in tqdm(
@@ -223,14 +226,14 @@ def fit(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            total_loss += loss.item() * len(chunk)
-            correct += int(((logits.detach() >= 0).long() == target).sum())
+            total_loss += loss.detach() * len(chunk)
+            correct += ((logits.detach() >= 0).long() == target).sum()
             seen += len(chunk)
 
         row: dict = {
             "epoch": epoch,
-            "train_loss": total_loss / seen,
-            "train_accuracy": correct / seen,
+            "train_loss": total_loss.item() / seen,
+            "train_accuracy": correct.item() / seen,
         }
         for split in ("val", "test"):
             if split in splits:

@@ -103,5 +103,15 @@ def choose_threshold(rule: str, y: np.ndarray | None, prob: np.ndarray | None) -
     raise MedxferError(f"--threshold {rule!r}: use a number, 'youden' or 'sens=0.95'")
 
 
+def check_threshold_rule(rule: str) -> None:
+    """Refuse a ``--threshold`` that ``choose_threshold`` would not understand."""
+    try:
+        if rule == "youden" or 0 < float(rule.removeprefix("sens=")) <= 1:
+            return
+    except ValueError:
+        pass
+    raise MedxferError(f"--threshold {rule!r}: use a number in (0, 1], 'youden' or 'sens=0.95'")
+
+
 def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else 0.0
