@@ -203,7 +203,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from medxfer.runner import read_metrics, train
+    from medxfer.rundir import read_metrics
+    from medxfer.runner import train
 
     cfg = config_from_args(args)
     log = (lambda _msg: None) if args.quiet else print

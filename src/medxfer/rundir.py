@@ -27,6 +27,10 @@ def is_complete(run: Path) -> bool:
     return (Path(run) / METRICS).exists()
 
 
+def read_metrics(run: Path) -> dict:
+    return json.loads((Path(run) / METRICS).read_text())
+
+
 def read_config(run: Path) -> RunConfig:
     path = Path(run) / CONFIG
     if not path.exists():

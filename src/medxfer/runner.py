@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from medxfer import rundir
 from medxfer.atomic import write_json, write_with
 from medxfer.config import RunConfig
 from medxfer.data.augment import get_augmentation
+from medxfer.data.cache import default_cache_dir
 from medxfer.data.prepared import PreparedData, prepare_data
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
@@ -38,7 +38,6 @@ from medxfer.training.loop import (
     TrainState,
     build_optimizer,
     fit,
-    predict,
     predict_logits,
     sigmoid,
 )
@@ -64,7 +63,7 @@ def train(
         return out
     device = select_device(cfg.device)
     amp = amp_dtype(device, cfg.amp)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     data = prepare_data(
         cfg.data,
         cfg.resolution,
@@ -175,7 +174,8 @@ def evaluate(
     model.to(device, memory_format=torch.channels_last)
     batch = inference_batch_size(cfg.eval_batch_size, device)
     source = ImageSource(model, data.pixels, device, None, cfg.seed, batch)
-    prob = predict(model, source, data.splits[split], device, None)
+    logits = predict_logits(model, source, data.splits[split], device, None)
+    prob = sigmoid(logits, saved.get("temperature", 1.0))
     cut = float(threshold) if threshold is not None else saved["threshold"]
     y = data.labels[data.splits[split]].numpy()
     return {
@@ -206,7 +206,7 @@ def _make_source(
         return ImageSource(model, data.pixels, device, aug, cfg.seed, batch), 0.0
 
     started = time.perf_counter()
-    cache = FeatureCache(cache_dir or _default_cache())
+    cache = FeatureCache(cache_dir)
     base = {
         "arch": cfg.arch,
         "weights": weights_digest(cfg.model_spec),
@@ -392,17 +392,3 @@ def _check_same(cfg: RunConfig, out: Path) -> None:
             f"{out}: holds a run with other settings ({', '.join(diff)}); "
             "use another --out or --overwrite"
         )
-
-
-def _default_cache() -> Path:
-    from medxfer.data.cache import default_cache_dir
-
-    return default_cache_dir()
-
-
-def history_frame(run: Path) -> pd.DataFrame:
-    return pd.read_csv(Path(run) / rundir.HISTORY)
-
-
-def read_metrics(run: Path) -> dict:
-    return json.loads((Path(run) / rundir.METRICS).read_text())

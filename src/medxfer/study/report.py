@@ -108,8 +108,9 @@ def _table(frame: pd.DataFrame, reduced_lr: bool = False) -> str:
                     text = f"**{text}**"
                 paper = paper_value(arch, mode, col, reduced_lr)
                 if paper is not None:
+                    digits = 1 if col in PERCENT else 3
                     ours = g[col].mean() * (100 if col in PERCENT else 1)
-                    text += f" ({paper:g}, {ours - paper:+.{1 if col in PERCENT else 3}f})"
+                    text += f" ({paper:.{digits}f}, {ours - paper:+.{digits}f})"
                 cells.append(text)
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
