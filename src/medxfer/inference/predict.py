@@ -15,6 +15,7 @@ from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
 from medxfer.rundir import saved_resolution
 from medxfer.training.features import inference_batch_size, to_input
+from medxfer.training.loop import sigmoid
 
 
 @dataclass
@@ -74,7 +75,7 @@ def predict_files(
         with torch.inference_mode():
             logits = model(to_input(stacked[start : start + batch], device))
         logits = logits.double().cpu().numpy()
-        prob = 1.0 / (1.0 + np.exp(-logits / temperature))
+        prob = sigmoid(logits, temperature)
         for i, p in zip(rows, prob, strict=True):
             results[i].probability = float(p)
             results[i].predicted = saved["positive"] if p >= cut else saved["negative"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import expit
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -157,7 +158,7 @@ def predict_logits(
 
 
 def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+    return expit(np.asarray(logits, dtype=np.float64) / temperature)
 
 
 def predict(
