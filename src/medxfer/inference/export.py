@@ -83,6 +83,7 @@ def _onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: 
         input_names=["gray"],
         output_names=["probability"],
         dynamo=True,
+        verbose=False,
         **kwargs,
     )
     program.save(str(path))
