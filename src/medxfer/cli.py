@@ -343,7 +343,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _similarity(args: argparse.Namespace) -> int:
-    from medxfer.similarity.study import measure
+    from medxfer.similarity.compare import measure
 
     result = measure(
         args.arch,

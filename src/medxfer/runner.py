@@ -350,14 +350,13 @@ def _finish(
 
 
 def _resolved(cfg: RunConfig, data: PreparedData, device, amp) -> dict:
+    aug = get_augmentation(cfg.augment)
     return {
         "image_size": cfg.resolution,
         "positive": data.positive,
         "classes": data.imageset.classes,
         "split_sizes": {k: len(v) for k, v in data.splits.items()},
-        "augmentation": (
-            get_augmentation(cfg.augment).describe() if get_augmentation(cfg.augment) else None
-        ),
+        "augmentation": aug.describe() if aug else None,
         "loss": "binary cross-entropy on one logit, per-image weights N/(2 N_class) "
         "from the training split",
         "feature_cache": cfg.uses_feature_cache,
