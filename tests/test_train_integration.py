@@ -262,3 +262,19 @@ def test_single_class_test_split_in_csv(tmp_path, kermany):
     with pytest.raises(Exception, match="test split has only class 'NORMAL'"):
         train(RunConfig(data=str(tmp_path / "m.csv"), out=str(tmp_path / "r")), progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_a_run_with_its_own_cache_dir(small_kermany, tmp_path):
+    cfg = RunConfig(
+        data=str(small_kermany),
+        out=str(tmp_path / "run"),
+        image_size=64,
+        epochs=1,
+        bootstrap=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    run = train(cfg, progress=False, log=lambda _: None)
+    assert (tmp_path / "cache" / "images").is_dir() and (tmp_path / "cache" / "features").is_dir()
+    result = evaluate(run, str(small_kermany), progress=False)
+    metrics = json.loads((run / rundir.METRICS).read_text())["test"]
+    assert result["accuracy"] == pytest.approx(metrics["accuracy"])

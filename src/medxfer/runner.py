@@ -153,7 +153,7 @@ def evaluate(
     data_location: str,
     *,
     split: str = "test",
-    threshold: str | None = None,
+    threshold: float | None = None,
     device_name: str = "auto",
     progress: bool = True,
 ) -> dict:

@@ -53,14 +53,14 @@ def content_hashes(imageset: ImageSet) -> list[str]:
 def decode_dataset(
     imageset: ImageSet,
     size: int,
-    cache_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
     skip_bad: bool = False,
     progress: bool = True,
 ) -> Decoded:
     """Decoded pixels for ``imageset`` at ``size`` px, from the cache when possible."""
     hashes = content_hashes(imageset)
     key = hashlib.sha256(json.dumps([DECODER_VERSION, size, hashes]).encode()).hexdigest()[:32]
-    folder = (cache_dir or default_cache_dir()) / "images"
+    folder = Path(cache_dir or default_cache_dir()) / "images"
     pixels_file, meta_file = folder / f"{key}.npy", folder / f"{key}.json"
     if pixels_file.exists() and meta_file.exists():
         meta = json.loads(meta_file.read_text())
