@@ -163,3 +163,10 @@ def test_study_show_with_overrides(capsys):
     out = capsys.readouterr().out
     assert "study paper: 2 cells" in out and "'epochs': 2" in out
     assert "resnet18-scratch-lr0.001-s0" in out and "resnet18-transfer-lr0.001-s0" in out
+
+
+def test_local_process_pool(small_kermany, tmp_path):
+    study = load_study(str(write_study(tmp_path / "s.toml", small_kermany)))
+    path = run_study(study, tmp_path / "study", workers=2, log=lambda _: None)
+    table = pd.read_csv(path)
+    assert sorted(table["mode"]) == ["scratch", "transfer"] and table.cell.is_unique
