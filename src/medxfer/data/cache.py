@@ -1,7 +1,7 @@
 """Decode every image of a dataset once, at the working resolution, and keep it on disk.
 
-The cache entry is keyed by the bytes of the images (not their paths) and the resolution, so a
-renamed or copied dataset hits the cache and an edited image misses it.
+The cache entry is keyed by the bytes of the images (not their paths), the resolution and the
+colour mode, so a renamed or copied dataset hits the cache and an edited image misses it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medxfer.atomic import write_json, write_with
-from medxfer.data.images import load_image, resize_square, rgb_to_gray
+from medxfer.data.images import as_color, load_image, resize_square, to_model_layout
 from medxfer.data.sources import ImageSet
 from medxfer.errors import MedxferError
 
@@ -56,10 +56,13 @@ def decode_dataset(
     cache_dir: str | Path | None = None,
     skip_bad: bool = False,
     progress: bool = True,
+    *,
+    color: str = "gray",
 ) -> Decoded:
-    """Decoded pixels for ``imageset`` at ``size`` px, from the cache when possible."""
+    """Decoded pixels for ``imageset`` at ``size`` px in ``color`` (gray/rgb), cached."""
     hashes = content_hashes(imageset)
-    key = hashlib.sha256(json.dumps([DECODER_VERSION, size, hashes]).encode()).hexdigest()[:32]
+    parts = [DECODER_VERSION, size, hashes] + ([color] if color != "gray" else [])
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
     folder = Path(cache_dir or default_cache_dir()) / "images"
     pixels_file, meta_file = folder / f"{key}.npy", folder / f"{key}.json"
     if pixels_file.exists() and meta_file.exists():
@@ -70,7 +73,7 @@ def decode_dataset(
             raise MedxferError(f"{source}: {reason}")
         return Decoded(np.load(pixels_file), np.array(meta["ok"], dtype=bool), errors, key, hashes)
 
-    decoded = _decode_all(imageset, size, progress)
+    decoded = _decode_all(imageset, size, progress, color)
     if decoded.errors and not skip_bad:
         source, reason = decoded.errors[0]
         raise MedxferError(f"{source}: {reason} (use --skip-bad to leave such images out)")
@@ -80,9 +83,9 @@ def decode_dataset(
     return decoded
 
 
-def _decode_all(imageset: ImageSet, size: int, progress: bool) -> Decoded:
+def _decode_all(imageset: ImageSet, size: int, progress: bool, color: str) -> Decoded:
     n = len(imageset.records)
-    pixels = np.zeros((n, size, size), dtype=np.uint8)
+    pixels = np.zeros((n, *((3,) if color == "rgb" else ()), size, size), dtype=np.uint8)
     ok = np.ones(n, dtype=bool)
     errors: list[tuple[str, str]] = []
 
@@ -90,9 +93,10 @@ def _decode_all(imageset: ImageSet, size: int, progress: bool) -> Decoded:
         record = imageset.records[i]
         try:
             if imageset.kind == "npz":
-                pixels[i] = resize_square(_npz_gray(imageset, record.source), size)
+                image = as_color(npz_image(imageset, record.source), color)
+                pixels[i] = to_model_layout(resize_square(image, size))
             else:
-                pixels[i] = load_image(record.source, size)
+                pixels[i] = load_image(record.source, size, color)
         except MedxferError as exc:
             ok[i] = False
             reason = str(exc).removeprefix(f"{record.source}: ")
@@ -121,11 +125,6 @@ def npz_image(imageset: ImageSet, source: str) -> np.ndarray:
     split, index = source.rsplit("#", 1)[1].split("/")
     assert imageset.arrays is not None
     return imageset.arrays[f"{split}_images"][int(index)]
-
-
-def _npz_gray(imageset: ImageSet, source: str) -> np.ndarray:
-    image = npz_image(imageset, source)
-    return rgb_to_gray(image) if image.ndim == 3 else image
 
 
 def _file_hash(path: str) -> str:

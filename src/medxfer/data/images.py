@@ -1,4 +1,4 @@
-"""Decode one medical image file (JPEG, PNG 8/16-bit, DICOM) to grayscale uint8."""
+"""Decode one medical image file (JPEG, PNG 8/16-bit, DICOM) to gray or RGB uint8."""
 
 from __future__ import annotations
 
@@ -25,11 +25,19 @@ def read_gray(path: str | Path) -> np.ndarray:
     their own range after DICOM modality and VOI LUT (windowing); MONOCHROME1 is inverted so
     that bone is bright as in MONOCHROME2.
     """
+    return read_image(path, "gray")
+
+
+def read_image(path: str | Path, color: str = "gray") -> np.ndarray:
+    """The image at ``path`` at its native size: ``(H, W)`` for ``gray``, ``(H, W, 3)`` for ``rgb``.
+
+    ``rgb`` keeps colour images as they are and replicates gray ones into three channels.
+    """
     path = Path(path)
     try:
         if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
-            return _read_dicom(path)
-        return _read_raster(path)
+            return as_color(_read_dicom(path), color)
+        return _read_raster(path, color)
     except MedxferError:
         raise
     except FileNotFoundError:
@@ -38,16 +46,37 @@ def read_gray(path: str | Path) -> np.ndarray:
         raise MedxferError(f"{path}: unreadable image ({exc})") from None
 
 
-def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize to ``size`` x ``size`` (aspect not kept: the usual 'resize to 224')."""
-    if gray.shape == (size, size):
-        return np.ascontiguousarray(gray)
-    img = Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR)
+def as_color(image: np.ndarray, color: str) -> np.ndarray:
+    """A uint8 ``(H, W)`` or ``(H, W, 3)`` image as ``gray`` (luminance) or ``rgb`` (replicated)."""
+    if color == "gray":
+        return rgb_to_gray(image) if image.ndim == 3 else image
+    return image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+
+
+def is_gray(image: np.ndarray) -> bool:
+    """True when an image has one channel, or three with R = G = B at every pixel."""
+    return image.ndim == 2 or bool(
+        (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+    )
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of ``(H, W)`` or ``(H, W, 3)`` to ``size`` x ``size`` (aspect not kept:
+    the usual 'resize to 224')."""
+    if image.shape[:2] == (size, size):
+        return np.ascontiguousarray(image)
+    img = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    return resize_square(read_gray(path), size)
+def load_image(path: str | Path, size: int, color: str = "gray") -> np.ndarray:
+    """Decoded and resized: ``(S, S)`` for ``gray``, channels first ``(3, S, S)`` for ``rgb``."""
+    return to_model_layout(resize_square(read_image(path, color), size))
+
+
+def to_model_layout(image: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` -> ``(3, H, W)``; gray ``(H, W)`` stays as it is."""
+    return np.ascontiguousarray(image.transpose(2, 0, 1)) if image.ndim == 3 else image
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -58,12 +87,12 @@ def _has_dicom_preamble(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _read_raster(path: Path) -> np.ndarray:
+def _read_raster(path: Path, color: str) -> np.ndarray:
     with Image.open(path) as img:
         img.load()  # raises OSError on truncated files
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            return to_uint8(np.asarray(img, dtype=np.float64))
-        return np.asarray(img.convert("L"), dtype=np.uint8)
+            return as_color(to_uint8(np.asarray(img, dtype=np.float64)), color)
+        return np.asarray(img.convert("L" if color == "gray" else "RGB"), dtype=np.uint8)
 
 
 def _read_dicom(path: Path) -> np.ndarray:
@@ -80,7 +109,7 @@ def _read_dicom(path: Path) -> np.ndarray:
     arr = ds.pixel_array
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM
-        return rgb_to_gray(arr[..., :3] if arr.dtype == np.uint8 else to_uint8(arr[..., :3]))
+        return arr[..., :3] if arr.dtype == np.uint8 else to_uint8(arr[..., :3])
     if arr.ndim != 2:
         raise MedxferError(
             f"{path}: expected a single 2-D frame, got pixel array shape {arr.shape}"

@@ -1,40 +1,56 @@
 """Dataset sources: a split/class folder tree, a MedMNIST-style .npz, or a CSV manifest.
 
 Each source becomes an :class:`ImageSet`: a list of records (where the pixels come from, the
-class name, the split) plus the sorted class names. Pixels are decoded later (see ``cache``).
+label, the split, the patient) plus the class names. Pixels are decoded later (see ``cache``);
+what the labels mean (binary, multi-class, multi-label) is decided in ``tasks``.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from medxfer.data.images import IMAGE_SUFFIXES, is_image_file
+from medxfer.data.options import KERMANY_PATIENT_REGEX
 from medxfer.errors import MedxferError
 
 SPLITS = ("train", "val", "test")
 NPZ_KEYS = tuple(f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels"))
+LABEL_SEP = "|"
 
 
 @dataclass(frozen=True)
 class Record:
-    """One image: ``source`` is a file path, or ``NPZ#split/index`` for arrays in an .npz."""
+    """One image: ``source`` is a file path, or ``NPZ#split/index`` for arrays in an .npz.
+
+    ``label`` is the class name; in a multi-label set it is the image's label names joined by
+    ``|`` (empty: none). ``patient`` is None when the data does not say.
+    """
 
     source: str
     label: str
     split: str
+    patient: str | None = None
 
     @property
     def name(self) -> str:
         return Path(self.source).name
 
+    @property
+    def label_set(self) -> frozenset[str]:
+        return frozenset(n for n in self.label.split(LABEL_SEP) if n)
+
 
 @dataclass
 class ImageSet:
-    """Records of one dataset, its classes, and (for .npz sources) the arrays themselves."""
+    """Records of one dataset, its classes, and (for .npz sources) the arrays themselves.
+
+    ``multilabel`` says the source gives a label set per image (CSV ``labels``, .npz (N, L)).
+    """
 
     location: Path
     kind: str
@@ -42,16 +58,27 @@ class ImageSet:
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     arrays: dict[str, np.ndarray] | None = None
+    multilabel: bool = False
 
-    def labels(self, positive: str) -> np.ndarray:
-        return np.array([r.label == positive for r in self.records], dtype=np.int64)
+    def with_records(self, records: list[Record], skipped: list | None = None) -> ImageSet:
+        """The same dataset restricted to ``records`` (a subset, or after dropping failures)."""
+        return replace(self, records=records, skipped=self.skipped if skipped is None else skipped)
 
     def split_indices(self, split: str) -> np.ndarray:
         return np.array([i for i, r in enumerate(self.records) if r.split == split], dtype=np.int64)
 
 
-def open_dataset(location: str | Path, skip_bad: bool = False) -> ImageSet:
-    """Open a dataset by what ``location`` is: a folder tree, an ``.npz`` or a ``.csv``."""
+def open_dataset(
+    location: str | Path,
+    skip_bad: bool = False,
+    *,
+    patient_regex: str | None = KERMANY_PATIENT_REGEX,
+) -> ImageSet:
+    """Open a dataset by what ``location`` is: a folder tree, an ``.npz`` or a ``.csv``.
+
+    Records without a patient column get the first group of ``patient_regex`` (or its whole
+    match) on their file name as patient; a name it does not match keeps ``patient=None``.
+    """
     path = Path(location)
     if not path.exists():
         raise MedxferError(f"{path}: dataset not found")
@@ -63,40 +90,28 @@ def open_dataset(location: str | Path, skip_bad: bool = False) -> ImageSet:
         imageset = _from_csv(path, skip_bad)
     else:
         raise MedxferError(f"{path}: unknown dataset type (expected a folder, .npz or .csv)")
-    _check_binary(imageset)
-    return imageset
-
-
-def resolve_positive(classes: list[str], positive: str | None) -> str:
-    """The positive class: as given, else ``PNEUMONIA`` if present, else the second class."""
-    if positive is not None:
-        if positive not in classes:
-            raise MedxferError(f"positive class {positive!r} is not one of the classes {classes}")
-        return positive
-    return "PNEUMONIA" if "PNEUMONIA" in classes else sorted(classes)[1]
-
-
-def check_two_classes(imageset: ImageSet, split: str) -> None:
-    """Metrics need both classes: refuse a split whose images all share one label."""
-    present = {r.label for r in imageset.records if r.split == split}
-    if not present:
-        raise MedxferError(f"{imageset.location}: split {split!r} has no images")
-    if len(present) < 2:
-        raise MedxferError(
-            f"{imageset.location}: {split} split has only class {present.pop()!r}; "
-            "metrics need images of both classes"
-        )
-
-
-def _check_binary(imageset: ImageSet) -> None:
-    if len(imageset.classes) != 2:
-        raise MedxferError(
-            f"{imageset.location}: expected exactly 2 classes, found {len(imageset.classes)} "
-            f"({', '.join(imageset.classes) or 'none'})"
-        )
     for split in ("train", "test"):
         if not any(r.split == split for r in imageset.records):
             raise MedxferError(f"{imageset.location}: no images in the {split!r} split")
+    if patient_regex and imageset.kind != "npz":
+        imageset = imageset.with_records(_patients_from_names(imageset.records, patient_regex))
+    return imageset
+
+
+def _patients_from_names(records: list[Record], regex: str) -> list[Record]:
+    try:
+        pattern = re.compile(regex)
+    except re.error as exc:
+        raise MedxferError(
+            f"--patient-regex {regex!r}: invalid regular expression ({exc})"
+        ) from None
+    out = []
+    for record in records:
+        match = None if record.patient else pattern.search(record.name)
+        if match is not None:
+            record = replace(record, patient=match.group(1) if pattern.groups else match.group(0))
+        out.append(record)
+    return out
 
 
 def _from_folder(root: Path, skip_bad: bool) -> ImageSet:
@@ -104,7 +119,7 @@ def _from_folder(root: Path, skip_bad: bool) -> ImageSet:
     for required in ("train", "test"):
         if required not in splits:
             raise MedxferError(f"{root / required}: missing split folder (need train/ and test/)")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    classes = sorted((d.name for d in (root / "train").iterdir() if d.is_dir()), key=_numeric_first)
     records: list[Record] = []
     skipped: list[tuple[str, str]] = []
     for split in splits:
@@ -148,7 +163,7 @@ def _from_npz(path: Path) -> ImageSet:
     if missing:
         raise MedxferError(f"{path}: missing keys {missing} (found {sorted(arrays)})")
     records: list[Record] = []
-    labels_seen: set[str] = set()
+    widths: set[int] = set()
     for split in SPLITS:
         if f"{split}_images" not in arrays:
             continue
@@ -162,15 +177,37 @@ def _from_npz(path: Path) -> ImageSet:
                 f"{path}: {split}_images must be uint8 (N,H,W) or (N,H,W,3), "
                 f"got {images.dtype} {images.shape}"
             )
-        labels = labels.reshape(len(labels), -1) if labels.ndim else labels
-        if labels.ndim != 2 or labels.shape[1] != 1 or len(labels) != len(images):
-            raise MedxferError(
-                f"{path}: {split}_labels must have shape ({len(images)}, 1), got {labels.shape}"
-            )
-        names = [str(int(v)) for v in labels[:, 0]]
-        labels_seen.update(names)
+        names = _npz_label_names(path, split, labels, len(images))
+        widths.add(labels.reshape(len(labels), -1).shape[1] if labels.size else 1)
         records += [Record(f"{path}#{split}/{i}", n, split) for i, n in enumerate(names)]
-    return ImageSet(path, "npz", records, sorted(labels_seen), arrays=arrays)
+    if len(widths) > 1:
+        raise MedxferError(f"{path}: label widths differ between splits ({sorted(widths)})")
+    width = widths.pop()
+    if width > 1:
+        classes = [str(j) for j in range(width)]
+    else:
+        classes = sorted({r.label for r in records}, key=_numeric_first)
+    return ImageSet(path, "npz", records, classes, arrays=arrays, multilabel=width > 1)
+
+
+def _npz_label_names(path: Path, split: str, labels: np.ndarray, n: int) -> list[str]:
+    """Label names per image: ``(N,)``/``(N, 1)`` class values, or ``(N, L)`` 0/1 label sets."""
+    table = labels.reshape(len(labels), -1) if labels.ndim else labels
+    fits = table.ndim == 2 and len(table) == n and table.shape[1] >= 1
+    integral = fits and np.issubdtype(table.dtype, np.number) and bool((table == table // 1).all())
+    if fits and integral and table.shape[1] == 1:
+        return [str(int(v)) for v in table[:, 0]]
+    if fits and table.shape[1] > 1 and np.isin(table, (0, 1)).all():
+        return [LABEL_SEP.join(str(j) for j in np.flatnonzero(row)) for row in table]
+    raise MedxferError(
+        f"{path}: {split}_labels of shape {labels.shape} fits no task (need ({n}, 1) class "
+        f"values, or ({n}, L) 0/1 label sets with L > 1)"
+    )
+
+
+def _numeric_first(name: str) -> tuple:
+    """Sort key: integer names in numeric order ("2" before "10"), then the others."""
+    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
 
 
 def _from_csv(path: Path, skip_bad: bool) -> ImageSet:
@@ -179,28 +216,48 @@ def _from_csv(path: Path, skip_bad: bool) -> ImageSet:
     skipped: list[tuple[str, str]] = []
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
-        header = set(reader.fieldnames or [])
-        if not {"path", "label", "split"} <= header:
-            raise MedxferError(
-                f"{path}: CSV header must contain path,label,split (got {sorted(header)})"
-            )
+        column = _label_column(path, set(reader.fieldnames or []))
         for line, row in enumerate(reader, start=2):
+            where = f"{path}:{line}"
             split = (row["split"] or "").strip()
             if split not in SPLITS:
-                raise MedxferError(f"{path}:{line}: split {split!r} is not one of {SPLITS}")
-            file = Path(row["path"])
+                raise MedxferError(f"{where}: split {split!r} is not one of {SPLITS}")
+            label = _csv_label(where, column, row[column])
+            file = Path((row["path"] or "").strip())
             file = file if file.is_absolute() else base / file
-            label = (row["label"] or "").strip()
-            if not label:
-                raise MedxferError(f"{path}:{line}: empty label")
             problem = None if file.is_file() else "file not found"
             if problem is None and not is_image_file(file):
                 problem = "not an image file"
             if problem:
                 if not skip_bad:
-                    raise MedxferError(f"{file}: {problem} (listed in {path}:{line})")
+                    raise MedxferError(f"{file}: {problem} (listed in {where})")
                 skipped.append((str(file), problem))
                 continue
-            records.append(Record(str(file), label, split))
-    classes = sorted({r.label for r in records})
-    return ImageSet(path, "csv", records, classes, skipped)
+            patient = (row.get("patient") or "").strip() or None
+            records.append(Record(str(file), label, split, patient))
+    if column == "labels":
+        classes = sorted({n for r in records for n in r.label_set})
+    else:
+        classes = sorted({r.label for r in records}, key=_numeric_first)
+    return ImageSet(path, "csv", records, classes, skipped, multilabel=column == "labels")
+
+
+def _label_column(path: Path, header: set[str]) -> str:
+    """``label`` (one class per image) or ``labels`` (``|``-separated label set per image)."""
+    columns = header & {"label", "labels"}
+    if not {"path", "split"} <= header or len(columns) != 1:
+        raise MedxferError(
+            f"{path}: CSV header must contain path,split and one of label / labels "
+            f"(got {sorted(header)})"
+        )
+    return columns.pop()
+
+
+def _csv_label(where: str, column: str, value: str | None) -> str:
+    if value is None:
+        raise MedxferError(f"{where}: row has no {column} column")
+    if column == "label":
+        if not value.strip():
+            raise MedxferError(f"{where}: empty label")
+        return value.strip()
+    return LABEL_SEP.join(sorted({n.strip() for n in value.split(LABEL_SEP) if n.strip()}))

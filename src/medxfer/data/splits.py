@@ -1,68 +1,51 @@
-"""Validation split carved from train, stratified by class and grouped by patient."""
+"""Validation sets that never split a patient: a fraction carved from train, or one fold of a
+K-fold cross-validation over train + val; both stratified by class and grouped by patient with
+scikit-learn's ``StratifiedGroupKFold``. The test split is never touched."""
 
 from __future__ import annotations
-
-import re
-from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from medxfer.data.options import KERMANY_PATIENT_REGEX, DataOptions
 from medxfer.data.sources import ImageSet
 from medxfer.errors import MedxferError
 
-# Kermany names: person1234_bacteria_5678.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-1427-0001.jpeg
-KERMANY_PATIENT_REGEX = r"^(person\d+|(?:NORMAL2-)?IM-\d+)"
+__all__ = ["KERMANY_PATIENT_REGEX", "assign_splits", "patient_ids"]
 
 
-def patient_ids(imageset: ImageSet, regex: str = KERMANY_PATIENT_REGEX) -> list[str]:
-    """Patient id per record: the regex's first group (or whole match) on the file name.
-
-    A name the regex does not match becomes its own patient, so it can never leak.
-    """
-    try:
-        pattern = re.compile(regex)
-    except re.error as exc:
-        raise MedxferError(
-            f"--patient-regex {regex!r}: invalid regular expression ({exc})"
-        ) from None
-    ids = []
-    for record in imageset.records:
-        name = Path(record.source).name
-        match = pattern.search(name)
-        if match is None:
-            ids.append(f"file:{record.source}")
-        else:
-            ids.append(match.group(1) if pattern.groups else match.group(0))
-    return ids
+def patient_ids(imageset: ImageSet) -> list[str]:
+    """Patient id per record; an image of unknown patient is its own cluster ``file:<source>``,
+    so it can never leak."""
+    return [r.patient or f"file:{r.source}" for r in imageset.records]
 
 
-def assign_splits(
-    imageset: ImageSet,
-    labels: np.ndarray,
-    val_fraction: float,
-    patient_regex: str = KERMANY_PATIENT_REGEX,
-    seed: int = 0,
-) -> np.ndarray:
-    """The split of every record after carving ``val_fraction`` of train into validation.
+def assign_splits(imageset: ImageSet, strata: np.ndarray, options: DataOptions) -> np.ndarray:
+    """The split name of every record under ``options`` (``val_fraction`` or ``folds``/``fold``).
 
-    The carved images join any original ``val`` images. With ``val_fraction == 0`` the
-    dataset's own splits are kept.
+    ``strata`` holds one class per record (see ``tasks.strata``). With ``val_fraction`` the
+    carved images join any original ``val`` images; with folds the dataset's own ``val`` images
+    join the pool and fold ``fold`` becomes the validation set. Neither: the dataset's splits.
     """
     splits = np.array([r.split for r in imageset.records])
-    if val_fraction <= 0:
+    groups = np.array(patient_ids(imageset))
+    if options.folds:
+        pool = np.flatnonzero(splits != "test")
+        n_folds, chosen, what = options.folds, options.fold, f"--folds {options.folds}"
+    elif options.val_fraction > 0:
+        pool = np.flatnonzero(splits == "train")
+        n_folds, chosen = max(2, round(1 / options.val_fraction)), 0
+        what = f"--val-fraction {options.val_fraction}"
+    else:
         return splits
-    if not 0 < val_fraction < 0.5:
-        raise MedxferError(f"--val-fraction {val_fraction}: must be in [0, 0.5)")
-    train = np.flatnonzero(splits == "train")
-    groups = np.array(patient_ids(imageset, patient_regex))[train]
-    n_folds = max(2, round(1 / val_fraction))
-    if len(set(groups)) < n_folds:
+    patients = len(set(groups[pool]))
+    if patients < n_folds:
         raise MedxferError(
-            f"--val-fraction {val_fraction}: train has only {len(set(groups))} patients, "
-            f"too few for {n_folds} stratified folds"
+            f"{what}: the pool has only {patients} patients, too few for {n_folds} folds"
         )
-    folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    _, val_part = next(folds.split(np.zeros(len(train)), labels[train], groups))
-    splits[train[val_part]] = "val"
+    folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=options.seed)
+    parts = folds.split(np.zeros(len(pool)), strata[pool], groups[pool])
+    val_part = next(val for f, (_, val) in enumerate(parts) if f == chosen)
+    splits[pool] = "train"
+    splits[pool[val_part]] = "val"
     return splits
