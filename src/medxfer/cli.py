@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the full report to this file")
     p.set_defaults(handler=_audit)
 
+    p = sub.add_parser("manifest", help="CSV manifest with labels taken from file names")
+    p.add_argument("data")
+    p.add_argument("--label-from-name", required=True, metavar="REGEX")
+    p.add_argument("--patient-regex", default=None)
+    p.add_argument("--out", type=Path, required=True, help="the manifest to write (.csv)")
+    p.set_defaults(handler=_manifest)
+
     p = sub.add_parser("models", help="architectures and whether their weights are here")
     p.add_argument("--all", action="store_true", help="every torchvision classifier")
     p.set_defaults(handler=_models)
@@ -248,6 +255,22 @@ def _audit(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, report)
     print(format_audit(report))
+    return 0
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from medxfer.data.manifest import write_manifest
+    from medxfer.data.options import KERMANY_PATIENT_REGEX
+
+    counts = write_manifest(
+        args.data,
+        args.out,
+        label_from_name=args.label_from_name,
+        patient_regex=args.patient_regex or KERMANY_PATIENT_REGEX,
+    )
+    for split, per_label in counts.items():
+        print(f"{split}: " + ", ".join(f"{k} {n}" for k, n in sorted(per_label.items())))
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -10,18 +10,21 @@ from PIL import Image
 
 from medxfer.data.cache import content_hashes
 from medxfer.data.images import DICOM_SUFFIXES, read_gray
-from medxfer.data.sources import ImageSet, open_dataset
-from medxfer.data.splits import KERMANY_PATIENT_REGEX, patient_ids
+from medxfer.data.options import KERMANY_PATIENT_REGEX
+from medxfer.data.sources import ImageSet, Record, open_dataset
+from medxfer.data.tasks import infer_task
 from medxfer.errors import MedxferError
 
 
 def audit(location: str, patient_regex: str = KERMANY_PATIENT_REGEX) -> dict:
-    """Counts, sizes/modes, unreadable files, duplicates and patient overlap of a dataset."""
-    imageset = open_dataset(location, skip_bad=True)
+    """Task, label counts, sizes/modes, unreadable files, duplicates and patient overlap of a
+    dataset (and the label co-occurrence matrix of a multi-label one)."""
+    imageset = open_dataset(location, skip_bad=True, patient_regex=patient_regex)
     records = imageset.records
-    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for r in records:
-        counts[r.split][r.label] += 1
+    try:
+        task = infer_task(imageset)
+    except MedxferError as exc:  # an audit reports what is wrong instead of stopping
+        task = f"none ({str(exc).removeprefix(f'{imageset.location}: ')})"
 
     with ThreadPoolExecutor() as pool:
         headers = list(pool.map(lambda r: _header(imageset, r.source), records))
@@ -43,9 +46,9 @@ def audit(location: str, patient_regex: str = KERMANY_PATIENT_REGEX) -> dict:
     shared = {}
     if imageset.kind != "npz":
         splits_of: dict[str, set[str]] = defaultdict(set)
-        for r, pid in zip(records, patient_ids(imageset, patient_regex), strict=True):
-            if not pid.startswith("file:"):
-                splits_of[pid].add(r.split)
+        for r in records:
+            if r.patient is not None:
+                splits_of[r.patient].add(r.split)
         for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
             ids = sorted(p for p, s in splits_of.items() if {a, b} <= s)
             shared[f"{a}/{b}"] = {"count": len(ids), "examples": ids[:10]}
@@ -53,8 +56,10 @@ def audit(location: str, patient_regex: str = KERMANY_PATIENT_REGEX) -> dict:
     return {
         "dataset": str(location),
         "kind": imageset.kind,
+        "task": task,
         "classes": imageset.classes,
-        "counts": {s: dict(c) for s, c in counts.items()},
+        "counts": label_counts(records, multilabel=imageset.multilabel),
+        **({"cooccurrence": cooccurrence(imageset)} if imageset.multilabel else {}),
         "total": len(records),
         "sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common()},
         "modes": dict(modes.most_common()),
@@ -71,14 +76,44 @@ def audit(location: str, patient_regex: str = KERMANY_PATIENT_REGEX) -> dict:
     }
 
 
+def label_counts(records: list[Record], *, multilabel: bool) -> dict[str, dict[str, int]]:
+    """Images per split and label (a multi-label image counts once for each of its labels)."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        for name in sorted(r.label_set) if multilabel else [r.label]:
+            counts[r.split][name] += 1
+    return {s: dict(c) for s, c in counts.items()}
+
+
+def cooccurrence(imageset: ImageSet) -> dict:
+    """How many images carry both labels i and j (diagonal: images with label i), all splits."""
+    index = {name: j for j, name in enumerate(imageset.classes)}
+    matrix = [[0] * len(index) for _ in index]
+    for r in imageset.records:
+        present = [index[n] for n in r.label_set]
+        for i in present:
+            for j in present:
+                matrix[i][j] += 1
+    return {"labels": imageset.classes, "matrix": matrix}
+
+
 def format_audit(report: dict) -> str:
     lines = [
-        f"dataset {report['dataset']} ({report['kind']}), classes {report['classes']}",
+        f"dataset {report['dataset']} ({report['kind']}), task {report['task']}, "
+        f"classes {report['classes']}",
         f"{'split':<8}" + "".join(f"{c:>12}" for c in report["classes"]) + f"{'total':>8}",
     ]
     for split, c in report["counts"].items():
         row = [c.get(k, 0) for k in report["classes"]]
         lines.append(f"{split:<8}" + "".join(f"{n:>12}" for n in row) + f"{sum(row):>8}")
+    if "cooccurrence" in report:
+        co = report["cooccurrence"]
+        lines.append("label co-occurrence (images with both):")
+        lines.append(" " * 12 + "".join(f"{c:>12}" for c in co["labels"]))
+        lines += [
+            f"{name:<12}" + "".join(f"{n:>12}" for n in row)
+            for name, row in zip(co["labels"], co["matrix"], strict=True)
+        ]
     lines.append(f"sizes: {report['sizes']}")
     lines.append(f"modes: {report['modes']}")
     lines.append(f"unreadable: {len(report['unreadable'])}")
