@@ -74,7 +74,7 @@ class RunConfig:
 
     def validate(self) -> None:
         from medxfer.data.augment import get_augmentation
-        from medxfer.training.metrics import check_threshold_rule
+        from medxfer.evaluation.thresholds import check_threshold_rule
 
         self.model_spec.validate()
         get_augmentation(self.augment)

@@ -18,13 +18,13 @@ from medxfer.data.augment import get_augmentation
 from medxfer.data.cache import default_cache_dir
 from medxfer.data.prepared import PreparedData, prepare_data
 from medxfer.errors import MedxferError
+from medxfer.evaluation.calibration import expected_calibration_error, fit_temperature
+from medxfer.evaluation.intervals import bootstrap_ci
+from medxfer.evaluation.metrics import binary_metrics
+from medxfer.evaluation.thresholds import choose_threshold
+from medxfer.figures import reliability_diagram
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import create_model, weights_digest
-from medxfer.training.calibration import (
-    expected_calibration_error,
-    fit_temperature,
-    reliability_diagram,
-)
 from medxfer.training.device import amp_dtype, select_device
 from medxfer.training.features import (
     FeatureCache,
@@ -41,7 +41,6 @@ from medxfer.training.loop import (
     predict_logits,
     sigmoid,
 )
-from medxfer.training.metrics import binary_metrics, bootstrap_ci, choose_threshold
 
 
 def train(

@@ -9,7 +9,7 @@ import pandas as pd
 
 from medxfer import rundir
 from medxfer.atomic import write_with
-from medxfer.training.metrics import SCALAR_METRICS
+from medxfer.evaluation.metrics import SCALAR_METRICS
 
 TABLE = "results"
 

@@ -16,9 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medxfer.data.augment import Augmentation, augment_batch
+from medxfer.evaluation.metrics import binary_metrics
 from medxfer.training.device import autocast
 from medxfer.training.features import to_input
-from medxfer.training.metrics import binary_metrics
 
 AUX_LOSS_WEIGHT = 0.4  # Inception v3's auxiliary classifier, as in torchvision's references
 
