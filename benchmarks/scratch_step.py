@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from medxfer.data.augment import get_augmentation
-from medxfer.models import ModelSpec, create_model
+from medxfer.models.factory import ModelSpec, create_model
 from medxfer.training.loop import ImageSource, TrainState, build_optimizer, fit
 
 

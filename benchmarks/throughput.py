@@ -18,8 +18,9 @@ import time
 import torch
 import torchvision
 
-from medxfer.models import ModelSpec, create_model
-from medxfer.training.features import extract_features, inference_batch_size
+from medxfer.device import Runtime, inference_batch_size
+from medxfer.models.factory import ModelSpec, create_model
+from medxfer.training.features import extract_features
 
 
 def rates(fns: list, images: int, repeats: int) -> list[float]:
@@ -78,7 +79,9 @@ def main() -> None:
         x_cl = x.contiguous(memory_format=torch.channels_last)
         ours, same, plain = rates(
             [
-                lambda m=model: extract_features(m, pixels, indices, device, batch, progress=False),
+                lambda m=model: extract_features(
+                    m, pixels, indices, Runtime(device, batch_size=batch, progress=False)
+                ),
                 bare_forward(bare_cl, x_cl, batch),
                 bare_forward(bare, x, 64),
             ],

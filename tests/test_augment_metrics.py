@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from medxfer.training.metrics import binary_metrics, bootstrap_ci, choose_threshold
 
 from medxfer.data.augment import Augmentation, augment_batch, get_augmentation
 from medxfer.errors import MedxferError
-from medxfer.training.metrics import binary_metrics, bootstrap_ci, choose_threshold
 
 
 def test_augment_is_per_image_and_reproducible():

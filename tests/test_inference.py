@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from medxfer import rundir
 from medxfer.cli import main
 from medxfer.config import RunConfig
 from medxfer.data.images import load_image
 from medxfer.inference.cam import grad_cam, target_layer
 from medxfer.inference.predict import expand_inputs
-from medxfer.models import PAPER_ARCHS, ModelSpec, create_model
-from medxfer.runner import train
+from medxfer.models.factory import create_model
+from medxfer.models.spec import PAPER_ARCHS, ModelSpec
+from medxfer.run.folder import RunFolder
+from medxfer.run.pipeline import train
+from medxfer.run.trained import TrainedModel
 
 pytestmark = pytest.mark.integration
 
@@ -36,13 +38,13 @@ def trained_run(small_kermany, tmp_path_factory):
 
 
 def test_run_records_calibration(trained_run):
-    metrics = json.loads((trained_run / rundir.METRICS).read_text())
+    metrics = json.loads((trained_run / RunFolder.METRICS).read_text())
     cal = metrics["calibration"]
     assert cal["method"] == "temperature" and cal["temperature"] > 0
     # the stored ECE is that of the stored test probabilities, recomputed bin by bin here
     import pandas as pd
 
-    rows = pd.read_csv(trained_run / rundir.PREDICTIONS)
+    rows = pd.read_csv(trained_run / RunFolder.PREDICTIONS)
     y = (rows.label == metrics["positive"]).to_numpy(float)
     prob = rows.probability.to_numpy()
     edges = np.linspace(0, 1, 16)
@@ -54,9 +56,9 @@ def test_run_records_calibration(trained_run):
     assert cal["test_ece"] == pytest.approx(sum(gaps) / len(y), abs=1e-9)
     assert cal["test_ece"] != cal["test_ece_uncalibrated"]  # the temperature changed them
     assert cal["val_nll"] <= cal["val_nll_uncalibrated"] + 1e-9  # T minimises validation NLL
-    assert (trained_run / rundir.RELIABILITY).stat().st_size > 5000
-    saved = torch.load(trained_run / rundir.MODEL, weights_only=False)
-    assert saved["threshold"] == metrics["threshold"] and saved["temperature"] == cal["temperature"]
+    assert (trained_run / RunFolder.RELIABILITY).stat().st_size > 5000
+    model = TrainedModel.load(trained_run)
+    assert model.thresholds == [metrics["threshold"]] and model.temperature == cal["temperature"]
 
 
 def test_predict_folder_with_a_corrupt_file(trained_run, small_kermany, tmp_path, capsys):
@@ -76,11 +78,11 @@ def test_predict_folder_with_a_corrupt_file(trained_run, small_kermany, tmp_path
     assert "unreadable image" in broken.error and np.isnan(broken.probability)
     good = rows[rows.error.isna()]
     assert len(good) == 10 and good.probability.between(0, 1).all()
-    saved = torch.load(trained_run / rundir.MODEL, weights_only=False)
-    expected = np.where(good.probability >= saved["threshold"], "PNEUMONIA", "NORMAL")
+    threshold = TrainedModel.load(trained_run).thresholds[0]
+    expected = np.where(good.probability >= threshold, "PNEUMONIA", "NORMAL")
     assert list(good.predicted) == list(expected)
     # the stored predictions of the same test images agree
-    stored = pd.read_csv(trained_run / rundir.PREDICTIONS).set_index("file")
+    stored = pd.read_csv(trained_run / RunFolder.PREDICTIONS).set_index("file")
     for _, row in good.iterrows():
         original = str(small_kermany / "test" / "PNEUMONIA" / row.file.split("/")[-1])
         assert row.probability == pytest.approx(stored.loc[original, "probability"], abs=1e-5)
@@ -159,8 +161,8 @@ def test_grad_cam_peaks_on_the_blob(tmp_path):
         lr=1e-2,
     )
     run = train(cfg, progress=False, log=lambda _: None)
-    assert json.loads((run / rundir.METRICS).read_text())["test"]["accuracy"] >= 0.9
-    model, _ = rundir.load_model(run)
+    assert json.loads((run / RunFolder.METRICS).read_text())["test"]["accuracy"] >= 0.9
+    model = TrainedModel.load(run).network
     images, _, centres = _blobs(12, seed=7)
     positives = [i for i in range(12) if i % 2]
     gray = torch.from_numpy(images[positives]).unsqueeze(1).float() / 255
@@ -195,22 +197,24 @@ def test_onnx_export_matches_pytorch(trained_run, kermany, tmp_path):
     )
     gray = np.stack([load_image(f, 64) for f in files])[:, None].astype(np.float32) / 255
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    onnx_prob = session.run(None, {"gray": gray})[0]
-    model, saved = rundir.load_model(trained_run)
+    onnx_prob = session.run(None, {"image": gray})[0]
+    trained = TrainedModel.load(trained_run)
     with torch.no_grad():
-        torch_prob = torch.sigmoid(model(torch.from_numpy(gray)) / saved["temperature"]).numpy()
+        logits = trained.network(torch.from_numpy(gray))
+        torch_prob = torch.sigmoid(logits / trained.temperature).numpy()
     assert onnx_prob.shape == (9,)
     np.testing.assert_allclose(onnx_prob, torch_prob, atol=1e-4)
     meta = json.loads((tmp_path / "model.onnx.json").read_text())
-    assert meta["input"]["shape"] == ["batch", 1, 64, 64] and meta["positive"] == "PNEUMONIA"
+    assert meta["input"]["shape"] == ["batch", 1, 64, 64]
+    assert meta["classes"] == ["NORMAL", "PNEUMONIA"] and meta["task"] == "binary"
 
 
 def test_torchscript_export_matches_pytorch(trained_run, tmp_path):
     out = tmp_path / "model.ts"
     assert main(["export", str(trained_run), "--format", "torchscript", "--out", str(out)]) == 0
     scripted = torch.jit.load(str(out))
-    model, saved = rundir.load_model(trained_run)
+    trained = TrainedModel.load(trained_run)
     x = torch.rand(3, 1, 64, 64)
     with torch.no_grad():
-        expected = torch.sigmoid(model(x) / saved["temperature"])
+        expected = torch.sigmoid(trained.network(x) / trained.temperature)
         torch.testing.assert_close(scripted(x), expected, atol=1e-5, rtol=0)

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from medxfer.errors import MedxferError
-from medxfer.models import PAPER_ARCHS, ModelSpec, create_model
+from medxfer.models.factory import create_model
+from medxfer.models.spec import PAPER_ARCHS, ModelSpec
 from medxfer.models.stages import backbone_stages
 from tests.conftest import LITE0_FILE
 

@@ -110,7 +110,7 @@ def test_similarity_command_on_real_images(small_kermany, tmp_path):
 @pytest.mark.skipif(not NATURAL.is_dir(), reason="natural photos not present")
 def test_similarity_before_and_after_finetuning(small_kermany, tmp_path):
     from medxfer.config import RunConfig
-    from medxfer.runner import train
+    from medxfer.run.pipeline import train
 
     run = train(
         RunConfig(

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from medxfer import rundir
 from medxfer.cli import main
 from medxfer.config import RunConfig
-from medxfer.runner import evaluate, train
+from medxfer.run.folder import RunFolder
+from medxfer.run.pipeline import evaluate, train
+from medxfer.run.trained import TrainedModel
 from tests.conftest import make_subset
 
 pytestmark = pytest.mark.integration
@@ -28,27 +30,37 @@ def test_transfer_run_writes_a_complete_run_folder(small_kermany, tmp_path):
     out = tmp_path / "run"
     assert run_cli("train", "--data", small_kermany, "--out", out, *FAST) == 0
     assert {p.name for p in out.iterdir()} == {
-        rundir.CONFIG,
-        rundir.HISTORY,
-        rundir.METRICS,
-        rundir.PREDICTIONS,
-        rundir.MODEL,
-        rundir.RELIABILITY,
+        RunFolder.CONFIG,
+        RunFolder.HISTORY,
+        RunFolder.METRICS,
+        RunFolder.PREDICTIONS,
+        RunFolder.MODEL,
+        RunFolder.RELIABILITY,
     }
-    config = json.loads((out / rundir.CONFIG).read_text())
+    config = json.loads((out / RunFolder.CONFIG).read_text())
     assert config["run"]["arch"] == "mobilenet_v2" and config["resolved"]["feature_cache"]
     assert config["environment"]["torch"] == torch.__version__
-    history = pd.read_csv(out / rundir.HISTORY)
+    history = pd.read_csv(out / RunFolder.HISTORY)
     assert list(history.epoch) == [1, 2]
     assert {"train_loss", "train_accuracy", "val_f1", "test_gmean", "test_roc_auc"} <= set(
         history.columns
     )
-    metrics = json.loads((out / rundir.METRICS).read_text())
+    metrics = json.loads((out / RunFolder.METRICS).read_text())
     assert metrics["positive"] == "PNEUMONIA" and metrics["test"]["n"] == 20
     lo, hi = metrics["test"]["ci95"]["accuracy"]
     assert lo <= metrics["test"]["accuracy"] <= hi
-    predictions = pd.read_csv(out / rundir.PREDICTIONS)
-    assert len(predictions) == 20 and predictions.probability.between(0, 1).all()
+    predictions = pd.read_csv(out / RunFolder.PREDICTIONS)
+    sizes = metrics["split_sizes"]
+    assert list(predictions.split.value_counts().sort_index()) == [sizes["test"], sizes["val"]]
+    assert predictions.probability.between(0, 1).all()
+    assert predictions.patient.str.match(r"^(person\d+|(NORMAL2-)?IM-\d+)$").all()
+    # model.pt is the selected epoch: it reproduces predictions.csv, val rows and test rows
+    model = TrainedModel.load(out)
+    from medxfer.inference.predict import predict_files
+
+    again = predict_files(model, [Path(f) for f in predictions.file])
+    np.testing.assert_allclose(again.probability, predictions.probability, atol=1e-6)
+    assert list(again.predicted) == list(predictions.predicted)
     # evaluate reproduces the test metrics from the saved model
     again = evaluate(out, str(small_kermany), progress=False)
     assert again["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
@@ -70,10 +82,10 @@ def test_fast_path_matches_plain_loop_without_augmentation(small_kermany, tmp_pa
         progress=False,
         log=lambda _: None,
     )
-    head_fast = torch.load(fast / rundir.MODEL, weights_only=False)["state_dict"]["head.weight"]
-    head_plain = torch.load(plain / rundir.MODEL, weights_only=False)["state_dict"]["head.weight"]
+    head_fast = TrainedModel.load(fast).network.head.linear.weight.detach()
+    head_plain = TrainedModel.load(plain).network.head.linear.weight.detach()
     torch.testing.assert_close(head_fast, head_plain, atol=1e-4, rtol=1e-3)
-    hf, hp = pd.read_csv(fast / rundir.HISTORY), pd.read_csv(plain / rundir.HISTORY)
+    hf, hp = pd.read_csv(fast / RunFolder.HISTORY), pd.read_csv(plain / RunFolder.HISTORY)
     np.testing.assert_allclose(hf.train_loss, hp.train_loss, rtol=1e-4)
     np.testing.assert_allclose(hf.test_accuracy, hp.test_accuracy)
     np.testing.assert_allclose(hf.test_roc_auc, hp.test_roc_auc, atol=1e-6)
@@ -93,10 +105,10 @@ def test_fast_path_matches_plain_loop_without_augmentation(small_kermany, tmp_pa
 def test_every_mode_trains(small_kermany, tmp_path, extra):
     out = tmp_path / "run"
     assert run_cli("train", "--data", small_kermany, "--out", out, *FAST, *extra) == 0
-    metrics = json.loads((out / rundir.METRICS).read_text())
+    metrics = json.loads((out / RunFolder.METRICS).read_text())
     assert metrics["mode"] == extra[1]
     assert 0 <= metrics["test"]["accuracy"] <= 1 and metrics["test"]["roc_auc"] is not None
-    model, _ = rundir.load_model(out)
+    model = TrainedModel.load(out).network
     assert sum(p.numel() for p in model.parameters()) > 1000
 
 
@@ -107,8 +119,8 @@ def test_bn_adapt_changes_running_statistics(small_kermany, tmp_path):
         RunConfig(out=str(tmp_path / "a"), bn="adapt", **common), progress=False, log=lambda _: None
     )
     key = "backbone.features.0.1.running_mean"
-    sf = torch.load(frozen / rundir.MODEL, weights_only=False)["state_dict"][key]
-    sa = torch.load(adapt / rundir.MODEL, weights_only=False)["state_dict"][key]
+    sf = torch.load(frozen / RunFolder.MODEL, weights_only=False)["state_dict"][key]
+    sa = torch.load(adapt / RunFolder.MODEL, weights_only=False)["state_dict"][key]
     assert not torch.allclose(sf, sa)
 
 
@@ -139,7 +151,7 @@ def test_npz_source_trains(tmp_path, kermany):
         )
         == 0
     )
-    metrics = json.loads((out / rundir.METRICS).read_text())
+    metrics = json.loads((out / RunFolder.METRICS).read_text())
     assert metrics["positive"] == "1" and metrics["split_sizes"] == {
         "train": 40,
         "val": 8,
@@ -168,7 +180,7 @@ def test_csv_source_trains(tmp_path, kermany):
         )
         == 0
     )
-    metrics = json.loads((out / rundir.METRICS).read_text())
+    metrics = json.loads((out / RunFolder.METRICS).read_text())
     assert metrics["split_sizes"]["val"] > 0 and metrics["test"]["n"] == 12
 
 
@@ -185,13 +197,13 @@ def test_interrupted_run_resumes_to_the_same_result(small_kermany, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(RunConfig(out=str(tmp_path / "cut"), **common), progress=False, log=stop_at_epoch_2)
     cut = tmp_path / "cut"
-    assert (cut / rundir.CHECKPOINT).exists() and not (cut / rundir.METRICS).exists()
+    assert (cut / RunFolder.CHECKPOINT).exists() and not (cut / RunFolder.METRICS).exists()
     train(RunConfig(out=str(cut), **common), progress=False, log=lambda _: None)
-    a, b = pd.read_csv(whole / rundir.HISTORY), pd.read_csv(cut / rundir.HISTORY)
+    a, b = pd.read_csv(whole / RunFolder.HISTORY), pd.read_csv(cut / RunFolder.HISTORY)
     assert list(b.epoch) == [1, 2, 3]
     np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-5)
     np.testing.assert_allclose(a.test_roc_auc, b.test_roc_auc, atol=1e-6)
-    assert not (cut / rundir.CHECKPOINT).exists()
+    assert not (cut / RunFolder.CHECKPOINT).exists()
 
 
 def test_skip_bad_lists_unreadable_images(tmp_path):
@@ -205,7 +217,7 @@ def test_skip_bad_lists_unreadable_images(tmp_path):
         )
         == 0
     )
-    metrics = json.loads((out / rundir.METRICS).read_text())
+    metrics = json.loads((out / RunFolder.METRICS).read_text())
     assert [s["file"] for s in metrics["skipped_inputs"]] == [str(victim)]
 
 
@@ -276,5 +288,5 @@ def test_evaluate_a_run_with_its_own_cache_dir(small_kermany, tmp_path):
     run = train(cfg, progress=False, log=lambda _: None)
     assert (tmp_path / "cache" / "images").is_dir() and (tmp_path / "cache" / "features").is_dir()
     result = evaluate(run, str(small_kermany), progress=False)
-    metrics = json.loads((run / rundir.METRICS).read_text())["test"]
+    metrics = json.loads((run / RunFolder.METRICS).read_text())["test"]
     assert result["accuracy"] == pytest.approx(metrics["accuracy"])

@@ -11,8 +11,6 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-import numpy as np
-
 from medxfer.errors import MedxferError
 
 TRAIN_HELP = {
@@ -30,11 +28,18 @@ TRAIN_HELP = {
     "views": "augmented views per training image kept in the feature cache",
     "eval_batch_size": "batch size for evaluation and feature extraction",
     "optimizer": "adam, adamw or sgd",
-    "val_fraction": "carve this fraction of train (by patient, stratified) into validation",
+    "task": "auto (binary for 2 classes, multiclass for more, multilabel for label sets), "
+    "binary, multiclass or multilabel",
+    "color": "auto (gray when every image has R = G = B), gray or rgb",
+    "val_fraction": "carve this fraction of train (by patient, stratified) into validation "
+    "(default 0.1; not with --folds)",
+    "folds": "K-fold cross-validation over train+val, grouped by patient (with --fold)",
+    "fold": "which fold (0..K-1) is the validation set",
     "patient_regex": "regex whose first group is the patient id in a file name",
     "positive": "positive class (default: PNEUMONIA, else the second class in sorted order)",
     "select": "best-epoch rule on validation data: val_loss, val_auc or last",
-    "threshold": "operating point chosen on validation: 0.5, youden, or sens=0.95",
+    "threshold": "operating point chosen on validation: 0.5 (default), youden, or sens=0.95; "
+    "per label for multilabel tasks; not for multiclass tasks",
     "calibrate": "temperature: fit a temperature on validation logits (Guo et al. 2017)",
     "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps",
     "amp": "mixed precision on CUDA (bf16 where supported)",
@@ -111,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write .csv or .json here (default: CSV on stdout)")
     p.add_argument("--threshold", type=float, help="default: the run's own operating point")
     p.add_argument("--cam", type=Path, help="write a Grad-CAM overlay PNG per image here")
+    p.add_argument(
+        "--cam-class",
+        help="class or label the Grad-CAM explains (default: the positive class for binary "
+        "models, else the most probable class or label)",
+    )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
@@ -214,23 +224,25 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from medxfer.rundir import read_metrics
-    from medxfer.runner import train
+    from medxfer.evaluation.metrics import HEADLINE
+    from medxfer.run.pipeline import train
 
     cfg = config_from_args(args)
     log = (lambda _msg: None) if args.quiet else print
-    run = train(cfg, progress=not args.quiet, overwrite=args.overwrite, log=log)
-    test = read_metrics(run)["test"]
-    print(
-        f"{run}: test accuracy {test['accuracy']:.4f} precision {test['precision']:.4f} "
-        f"recall {test['recall']:.4f} f1 {test['f1']:.4f} auc {test['roc_auc']:.4f}"
+    folder = train(cfg, progress=not args.quiet, overwrite=args.overwrite, log=log)
+    metrics = folder.read_metrics()
+    test = metrics["test"]
+    shown = " ".join(
+        f"{k} {test[k]:.4f}" for k in HEADLINE[metrics.get("task", "binary")]
+        if test.get(k) is not None
     )
+    print(f"{folder.path}: test {shown}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from medxfer.atomic import write_json
-    from medxfer.runner import evaluate
+    from medxfer.run.pipeline import evaluate
 
     result = evaluate(
         args.run,
@@ -296,22 +308,16 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    import pandas as pd
-
     from medxfer.atomic import write_json, write_with
+    from medxfer.device import select_device
+    from medxfer.inference.cam import write_cams
     from medxfer.inference.predict import expand_inputs, predict_files
-    from medxfer.rundir import load_model
-    from medxfer.training.device import select_device
+    from medxfer.run.trained import TrainedModel
 
-    model, saved = load_model(args.run)
+    model = TrainedModel.load(args.run)
     files = expand_inputs(args.inputs)
-    device = select_device(args.device)
-    results = predict_files(
-        model, saved, files, device, args.threshold, args.batch_size, progress=not args.quiet
-    )
-    rows = pd.DataFrame([dataclasses.asdict(r) for r in results])
+    model.to(select_device(args.device))
+    rows = predict_files(model, files, threshold=args.threshold, batch_size=args.batch_size)
     if args.out and args.out.suffix.lower() == ".json":
         write_json(args.out, rows.astype(object).where(rows.notna(), None).to_dict("records"))
     elif args.out:
@@ -319,48 +325,21 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         rows.to_csv(sys.stdout, index=False)
     if args.cam:
-        _write_cams(
-            model,
-            saved,
-            [f for f, r in zip(files, results, strict=True) if r.error is None],
-            args.cam,
-        )
-    failed = [r for r in results if r.error]
-    for r in failed:
+        readable = [f for f, e in zip(files, rows.error, strict=True) if e is None]
+        write_cams(model, readable, args.cam, args.cam_class)
+    failed = rows[rows.error.notna()]
+    for _, r in failed.iterrows():
         print(f"medxfer: {r.file}: {r.error}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def _write_cams(model, saved: dict, files: list[Path], folder: Path) -> None:
-    import torch
-
-    from medxfer.data.images import load_image
-    from medxfer.inference.cam import grad_cam, save_overlay
-    from medxfer.rundir import saved_resolution
-
-    size = saved_resolution(saved)
-    used: set[str] = set()
-    for start in range(0, len(files), 16):
-        chunk = files[start : start + 16]
-        gray = [load_image(f, size) for f in chunk]
-        heat = grad_cam(model, torch.from_numpy(np.stack(gray)).unsqueeze(1).float() / 255.0)
-        for f, g, h in zip(chunk, gray, heat, strict=True):
-            name = f"{f.stem}_cam.png"
-            n = 1
-            while name in used:
-                n += 1
-                name = f"{f.stem}_{n}_cam.png"
-            used.add(name)
-            save_overlay(g, h, folder / name)
+    return 1 if len(failed) else 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from medxfer.inference.export import export_model
-    from medxfer.rundir import load_model
+    from medxfer.run.trained import TrainedModel
 
-    model, saved = load_model(args.run)
+    model = TrainedModel.load(args.run)
     default = args.run / ("model.onnx" if args.format == "onnx" else "model.ts")
-    path = export_model(model, saved, args.out or default, args.format, args.dynamic_batch)
+    path = export_model(model, args.out or default, args.format, args.dynamic_batch)
     print(f"wrote {path} and {path}.json")
     return 0
 

@@ -1,21 +1,30 @@
-"""The complete description of one run. Every CLI option of ``medxfer train`` is a field here,
-so a run directory's ``config.json`` is enough to rerun it."""
+"""The complete description of one run. Every option of ``medxfer train`` is a field here, so a
+run folder's ``config.json`` is enough to rerun it. Importing this module loads no torch; every
+value is checked when a config is built."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from medxfer.data.splits import KERMANY_PATIENT_REGEX
+from medxfer.data.options import KERMANY_PATIENT_REGEX
 from medxfer.errors import MedxferError
-from medxfer.models.factory import ModelSpec, default_image_size
-from medxfer.models.weights import DEFAULT_TAG
+from medxfer.models.spec import DEFAULT_TAG, ModelSpec, default_image_size
+
+DEFAULT_VAL_FRACTION = 0.1
+TASK_CHOICES = ("auto", "binary", "multiclass", "multilabel")
+COLOR_CHOICES = ("auto", "gray", "rgb")
+AUGMENTATIONS = ("paper", "none")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+CALIBRATIONS = ("none", "temperature")
+SELECTIONS = ("val_loss", "val_auc", "last")
 
 
 @dataclass
 class RunConfig:
     data: str
     out: str
+    task: str = "auto"  # auto: binary for 2 classes, multiclass for more, multilabel for label sets
     arch: str = "mobilenet_v2"
     mode: str = "transfer"
     bn: str = "frozen"
@@ -24,6 +33,7 @@ class RunConfig:
     weights: str | None = None
     weights_tag: str = DEFAULT_TAG
     image_size: int | None = None  # None: the architecture's own (299 for inception_v3)
+    color: str = "auto"  # auto: gray when every image has R = G = B
     augment: str = "paper"
     feature_cache: bool = True  # frozen backbones: train the head on cached features
     views: int = 2  # augmented views per training image in the feature cache
@@ -34,11 +44,13 @@ class RunConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
-    val_fraction: float = 0.1
+    val_fraction: float | None = None  # None: 0.1, or no carving when --folds is given
+    folds: int | None = None  # K-fold cross-validation over train+val ...
+    fold: int | None = None  # ... with this fold as the validation set
     patient_regex: str = KERMANY_PATIENT_REGEX
     positive: str | None = None
     select: str = "val_loss"
-    threshold: str = "0.5"
+    threshold: str | None = None  # None: 0.5 (binary, multilabel); multiclass takes none
     calibrate: str = "none"  # none | temperature (fitted on validation data)
     seed: int = 0
     device: str = "auto"
@@ -51,8 +63,12 @@ class RunConfig:
     # Fields that do not change what a run computes; a run may resume under other values.
     RESUMABLE_DIFFERENCES = ("out", "device", "cache_dir", "eval_batch_size")
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     @property
     def model_spec(self) -> ModelSpec:
+        """The model without its head width (that comes from the data: see ``with_outputs``)."""
         return ModelSpec(
             self.arch,
             self.mode,
@@ -69,16 +85,38 @@ class RunConfig:
         return self.image_size or default_image_size(self.arch)
 
     @property
+    def validation_fraction(self) -> float:
+        if self.val_fraction is not None:
+            return self.val_fraction
+        return 0.0 if self.folds else DEFAULT_VAL_FRACTION
+
+    @property
+    def threshold_rule(self) -> str:
+        return self.threshold or "0.5"
+
+    @property
     def uses_feature_cache(self) -> bool:
         return self.feature_cache and self.mode == "transfer" and self.bn in ("frozen", "adapt")
 
     def validate(self) -> None:
-        from medxfer.data.augment import get_augmentation
+        """Refuse any value a run could not use, before anything is read or written."""
         from medxfer.evaluation.thresholds import check_threshold_rule
 
         self.model_spec.validate()
-        get_augmentation(self.augment)
-        check_threshold_rule(self.threshold)
+        if self.threshold is not None:
+            check_threshold_rule(self.threshold)
+        for name, allowed in (
+            ("task", TASK_CHOICES),
+            ("color", COLOR_CHOICES),
+            ("augment", AUGMENTATIONS),
+            ("optimizer", OPTIMIZERS),
+            ("calibrate", CALIBRATIONS),
+            ("select", SELECTIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise MedxferError(
+                    f"--{name} {getattr(self, name)!r}: choose from {', '.join(allowed)}"
+                )
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (
@@ -88,11 +126,31 @@ class RunConfig:
             (self.lr > 0, "--lr must be positive"),
             (self.views >= 1, "--views must be at least 1"),
             (self.resolution >= 32, "--image-size must be at least 32"),
-            (self.optimizer in ("adam", "adamw", "sgd"), "--optimizer: choose adam, adamw or sgd"),
-            (self.calibrate in ("none", "temperature"), "--calibrate: choose none or temperature"),
+            (self.bootstrap >= 0, "--bootstrap must be 0 or more"),
             (
-                self.select in ("val_loss", "val_auc", "last"),
-                "--select: choose val_loss, val_auc or last",
+                self.task != "multiclass" or self.threshold is None,
+                "--threshold: a multi-class task decides by the most probable class; "
+                "threshold rules apply to binary and multi-label tasks only",
+            ),
+            (
+                self.task not in ("multiclass", "multilabel") or self.positive is None,
+                f"--positive: a {self.task} task has no positive class",
+            ),
+            (
+                not (self.folds and self.val_fraction),
+                "--folds replaces --val-fraction: give one of them",
+            ),
+            (
+                (self.folds is None) == (self.fold is None),
+                "--folds K and --fold f go together",
+            ),
+            (
+                self.folds is None or (self.folds >= 2 and 0 <= (self.fold or 0) < self.folds),
+                f"--fold must be in 0..{(self.folds or 0) - 1} and --folds at least 2",
+            ),
+            (
+                self.val_fraction is None or 0 <= self.val_fraction < 0.5,
+                f"--val-fraction {self.val_fraction}: must be in [0, 0.5)",
             ),
         ]
         for ok, message in checks:

@@ -12,23 +12,25 @@ from torch import nn
 from medxfer.atomic import write_with
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.stages import backbone_stages
+from medxfer.run.trained import TrainedModel
 
 
-class _PositiveLogit(nn.Module):
-    """(B, 1, H, W) gray -> (B, 1) positive-class logit. The input requires grad so that the
-    activations of a frozen backbone still carry gradients for Grad-CAM."""
+class _Logits(nn.Module):
+    """(B, C, H, W) -> (B, outputs) logits. The input requires grad so that the activations of
+    a frozen backbone still carry gradients for Grad-CAM."""
 
     def __init__(self, model: XrayClassifier) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, gray: torch.Tensor) -> torch.Tensor:
-        if not gray.requires_grad:
-            gray = gray.detach().requires_grad_(True)
-        return self.model(gray).unsqueeze(1)
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if not image.requires_grad:
+            image = image.detach().requires_grad_(True)
+        logits = self.model(image)
+        return logits.unsqueeze(1) if logits.ndim == 1 else logits
 
 
-def target_layer(model: XrayClassifier, size: int = 64) -> tuple[str, nn.Module]:
+def target_layer(model: XrayClassifier, channels: int = 1, size: int = 64) -> tuple[str, nn.Module]:
     """The last backbone stage whose output is still a spatial map (B, C, H, W)."""
     stages = backbone_stages(model.backbone)
     ndims: dict[str, int] = {}
@@ -42,7 +44,7 @@ def target_layer(model: XrayClassifier, size: int = 64) -> tuple[str, nn.Module]
     ]
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 1, max(size, 75), max(size, 75)))
+            model.eval()(torch.zeros(1, channels, max(size, 75), max(size, 75)))
     finally:
         for h in hooks:
             h.remove()
@@ -50,20 +52,65 @@ def target_layer(model: XrayClassifier, size: int = 64) -> tuple[str, nn.Module]
     return spatial[-1]
 
 
-def grad_cam(model: XrayClassifier, gray: torch.Tensor) -> np.ndarray:
-    """Heat maps (B, H, W) in [0, 1] of the positive class for gray inputs (B, 1, H, W)."""
+def grad_cam(
+    model: XrayClassifier, image: torch.Tensor, classes: list[int] | None = None
+) -> np.ndarray:
+    """Heat maps (B, H, W) in [0, 1] for inputs (B, C, H, W): of output ``classes[i]`` for
+    image i (default output 0: the positive class of a one-logit binary model)."""
     from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model = model.cpu().eval()
-    _, layer = target_layer(model)
-    with GradCAM(model=_PositiveLogit(model), target_layers=[layer]) as cam:
-        return cam(input_tensor=gray, targets=[lambda out: out.squeeze()] * len(gray))
+    _, layer = target_layer(model, image.shape[1])
+    targets = [ClassifierOutputTarget(c) for c in (classes or [0] * len(image))]
+    with GradCAM(model=_Logits(model), target_layers=[layer]) as cam:
+        return cam(input_tensor=image, targets=targets)
 
 
-def save_overlay(gray: np.ndarray, heat: np.ndarray, path: Path) -> None:
-    """Write the heat map over the gray image as a PNG (jet colours, 50% blend)."""
+def save_overlay(image: np.ndarray, heat: np.ndarray, path: Path) -> None:
+    """Write the heat map over the image (gray (H, W) or colour (3, H, W) uint8) as a PNG
+    (jet colours, 50% blend)."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    rgb = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
+    rgb = image.transpose(1, 2, 0) if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    rgb = rgb.astype(np.float32) / 255.0
     overlay = show_cam_on_image(rgb, heat, use_rgb=True, image_weight=0.5)
     write_with(path, lambda tmp: Image.fromarray(overlay).save(tmp, format="PNG"))
+
+
+def write_cams(
+    model: TrainedModel, files: list[Path], folder: Path, cam_class: str | None = None
+) -> list[Path]:
+    """A Grad-CAM overlay ``NAME_cam.png`` per file (files must decode), for ``cam_class`` or,
+    by default, the positive class (binary) or the most probable class/label."""
+    from medxfer.errors import MedxferError
+    from medxfer.inference.predict import load_inputs
+
+    if cam_class is not None and cam_class not in model.classes:
+        raise MedxferError(f"--cam-class {cam_class!r}: not one of {list(model.classes)}")
+    written: list[Path] = []
+    used: set[str] = set()
+    for start in range(0, len(files), 16):
+        chunk = files[start : start + 16]
+        pixels, _ = load_inputs(model, chunk)
+        image = pixels.float().div(255.0)
+        image = image.unsqueeze(1) if image.ndim == 3 else image
+        targets = _cam_targets(model, pixels, cam_class)
+        heat = grad_cam(model.network, image, targets)
+        for f, pix, h in zip(chunk, pixels.numpy(), heat, strict=True):
+            name, n = f"{f.stem}_cam.png", 1
+            while name in used:
+                n += 1
+                name = f"{f.stem}_{n}_cam.png"
+            used.add(name)
+            save_overlay(pix, h, folder / name)
+            written.append(folder / name)
+    return written
+
+
+def _cam_targets(model: TrainedModel, pixels: torch.Tensor, cam_class: str | None) -> list[int]:
+    if model.task.name == "binary":
+        return [0] * len(pixels)  # one logit: the positive class
+    if cam_class is not None:
+        return [model.classes.index(cam_class)] * len(pixels)
+    return model.probabilities(pixels).argmax(axis=1).tolist()

@@ -1,8 +1,9 @@
 """``medxfer export``: ONNX or TorchScript models that carry their own preprocessing.
 
-The exported graph takes a gray batch (B, 1, S, S), float in [0, 1] (a client only resizes to
-S x S and divides by 255), replicates and normalises it inside, and returns the calibrated
-positive-class probability (B,).
+The exported graph takes a batch (B, C, S, S), float in [0, 1] (C = 1 for gray models, 3 for
+colour ones; a client only resizes to S x S and divides by 255), normalises it inside (and
+replicates gray into RGB), and returns calibrated probabilities: (B,) of the positive class
+(binary), (B, K) softmax (multi-class) or (B, L) sigmoids (multi-label).
 """
 
 from __future__ import annotations
@@ -15,28 +16,29 @@ from torch import nn
 
 from medxfer.atomic import write_json, write_with
 from medxfer.errors import MedxferError
-from medxfer.models.classifier import XrayClassifier
-from medxfer.rundir import saved_resolution
+from medxfer.run.trained import TrainedModel
 
 
 class ProbabilityModel(nn.Module):
-    def __init__(self, model: XrayClassifier, temperature: float = 1.0) -> None:
+    """The network followed by the task's activation at the run's temperature."""
+
+    def __init__(self, model: TrainedModel) -> None:
         super().__init__()
-        self.model = model.eval()
-        self.temperature = float(temperature)
+        self.network = model.network.eval()
+        self.temperature = float(model.temperature)
+        self.softmax = model.task.name == "multiclass"
 
-    def forward(self, gray: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(gray) / self.temperature)
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.network(image) / self.temperature
+        return torch.softmax(logits, dim=1) if self.softmax else torch.sigmoid(logits)
 
 
-def export_model(
-    model: XrayClassifier, saved: dict, out: Path, fmt: str, dynamic_batch: bool = True
-) -> Path:
+def export_model(model: TrainedModel, out: Path, fmt: str, dynamic_batch: bool = True) -> Path:
     """Write the model as ``fmt`` (onnx | torchscript) to ``out``, plus ``out``.json metadata."""
-    cfg = saved["config"]
-    size = saved_resolution(saved)
-    wrapper = ProbabilityModel(model.cpu().float(), saved.get("temperature", 1.0)).eval()
-    example = torch.rand(2, 1, size, size)
+    size = model.resolution
+    model.network.cpu().float()
+    wrapper = ProbabilityModel(model).eval()
+    example = torch.rand(2, model.channels, size, size)
     out = Path(out)
     if fmt == "onnx":
         write_with(out, lambda tmp: _onnx(wrapper, example, tmp, dynamic_batch))
@@ -46,28 +48,25 @@ def export_model(
         write_with(out, lambda tmp: traced.save(str(tmp)))
     else:
         raise MedxferError(f"--format {fmt!r}: choose onnx or torchscript")
+    output_shape = ["batch"] if model.task.outputs == 1 else ["batch", model.task.outputs]
+    meaning = {
+        "binary": f"probability of {model.classes[1]!r}",
+        "multiclass": f"softmax over the classes {list(model.classes)}",
+        "multilabel": f"probability of each label {list(model.classes)}",
+    }[model.task.name]
     write_json(
         out.with_suffix(out.suffix + ".json"),
         {
             "format": fmt,
             "input": {
-                "name": "gray",
-                "shape": ["batch" if dynamic_batch else 2, 1, size, size],
+                "name": "image",
+                "shape": ["batch" if dynamic_batch else 2, model.channels, size, size],
                 "dtype": "float32",
                 "range": [0, 1],
-                "preprocessing": f"grayscale, resize to {size}x{size}, /255",
+                "preprocessing": f"{model.color}, resize to {size}x{size}, /255",
             },
-            "output": {
-                "name": "probability",
-                "shape": ["batch"],
-                "meaning": f"probability of {saved['positive']!r}",
-            },
-            "threshold": saved["threshold"],
-            "positive": saved["positive"],
-            "negative": saved["negative"],
-            "temperature": saved.get("temperature", 1.0),
-            "arch": cfg["arch"],
-            "mode": cfg["mode"],
+            "output": {"name": "probability", "shape": output_shape, "meaning": meaning},
+            **model.describe(),
         },
     )
     return out
@@ -76,11 +75,11 @@ def export_model(
 def _onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool) -> None:
     kwargs = {}
     if dynamic_batch:
-        kwargs["dynamic_shapes"] = {"gray": {0: torch.export.Dim("batch", min=1, max=4096)}}
+        kwargs["dynamic_shapes"] = {"image": {0: torch.export.Dim("batch", min=1, max=4096)}}
     program = torch.onnx.export(
         wrapper,
         (example,),
-        input_names=["gray"],
+        input_names=["image"],
         output_names=["probability"],
         dynamo=True,
         verbose=False,

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import glob
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from medxfer.data.images import is_image_file, load_image
 from medxfer.errors import MedxferError
-from medxfer.models.classifier import XrayClassifier
-from medxfer.rundir import saved_resolution
-from medxfer.training.features import inference_batch_size, to_input
-from medxfer.training.loop import sigmoid
-
-
-@dataclass
-class Prediction:
-    file: str
-    probability: float | None = None
-    predicted: str | None = None
-    error: str | None = None
+from medxfer.run.trained import TrainedModel
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -44,39 +32,50 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
+def load_inputs(model: TrainedModel, files: list[Path]) -> tuple[torch.Tensor, list[str | None]]:
+    """Decoded images of ``files`` in the model's input format, and per file its error (None
+    for those that decoded; they are the rows of the tensor, in order)."""
+    pixels, errors = [], []
+    for f in files:
+        try:
+            pixels.append(load_image(f, model.resolution, model.color))
+            errors.append(None)
+        except MedxferError as exc:
+            errors.append(str(exc).removeprefix(f"{f}: "))
+    shape = (0, model.resolution, model.resolution)
+    if model.channels == 3:
+        shape = (0, 3, model.resolution, model.resolution)
+    stacked = (
+        torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(shape, dtype=torch.uint8)
+    )
+    return stacked, errors
+
+
 def predict_files(
-    model: XrayClassifier,
-    saved: dict,
+    model: TrainedModel,
     files: list[Path],
-    device: torch.device,
+    *,
     threshold: float | None = None,
     batch_size: int | None = None,
-    progress: bool = True,
-) -> list[Prediction]:
-    """Decode, batch and classify ``files``; an unreadable file gets its error, not a crash."""
-    size = saved_resolution(saved)
-    cut = saved["threshold"] if threshold is None else threshold
-    temperature = saved.get("temperature", 1.0)
-    batch = inference_batch_size(batch_size, device)
-    model.eval().to(device, memory_format=torch.channels_last)
-    results = [Prediction(str(f)) for f in files]
-    ok: list[int] = []
-    pixels: list[np.ndarray] = []
-    for i, f in enumerate(files):
-        try:
-            pixels.append(load_image(f, size))
-            ok.append(i)
-        except MedxferError as exc:
-            results[i].error = str(exc).removeprefix(f"{f}: ")
-    stacked = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0, size, size)
-    starts = range(0, len(ok), batch)
-    for start in tqdm(starts, desc="predict", disable=None if progress else True, leave=False):
-        rows = ok[start : start + batch]
-        with torch.inference_mode():
-            logits = model(to_input(stacked[start : start + batch], device))
-        logits = logits.double().cpu().numpy()
-        prob = sigmoid(logits, temperature)
-        for i, p in zip(rows, prob, strict=True):
-            results[i].probability = float(p)
-            results[i].predicted = saved["positive"] if p >= cut else saved["negative"]
-    return results
+) -> pd.DataFrame:
+    """A row per file: ``file``, the probability of the positive class (binary) or one
+    ``probability_NAME`` column per class/label, ``predicted``, and ``error`` for a file that
+    could not be read (the others still get their answers)."""
+    pixels, errors = load_inputs(model, files)
+    prob = model.probabilities(pixels, batch_size)
+    cut = None if threshold is None else [float(threshold)] * model.task.outputs
+    decided = model.task.names(model.decide(prob, cut)) if len(prob) else []
+    frame = pd.DataFrame({"file": [str(f) for f in files]})
+    ok = np.array([e is None for e in errors], dtype=bool)
+    columns = (
+        {"probability": prob}
+        if model.task.name == "binary"
+        else {f"probability_{c}": prob[:, j] for j, c in enumerate(model.classes)}
+    )
+    for name, values in columns.items():
+        frame[name] = np.nan
+        frame.loc[ok, name] = values
+    frame["predicted"] = None
+    frame.loc[ok, "predicted"] = decided
+    frame["error"] = errors
+    return frame

@@ -1,4 +1,4 @@
-"""The classifier medxfer trains: gray input -> 3 channels -> backbone -> one-logit head."""
+"""The classifier medxfer trains: gray (or colour) input -> 3 channels -> backbone -> head."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from torch import nn
 class GrayToRGB(nn.Module):
     """Replicate the gray channel into RGB (the paper's Eq. 14) and normalise.
 
-    Input: float (B, 1, H, W) in [0, 1]. Output: (B, 3, H, W), ``(x - mean) / std``.
+    Input: float (B, 1, H, W) gray or (B, 3, H, W) colour, in [0, 1]. Output: (B, 3, H, W),
+    ``(x - mean) / std`` (a gray channel is broadcast to the three).
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -27,17 +28,20 @@ class GrayToRGB(nn.Module):
 
 
 class XrayClassifier(nn.Module):
-    """``prep`` -> ``backbone`` (pooled features) -> ``head`` (Linear, one logit).
+    """``prep`` -> ``backbone`` (pooled features) -> ``head`` (Linear).
 
-    ``forward`` returns logits of shape (B,); apply a sigmoid for probabilities. In training
-    mode an Inception v3 backbone also returns its auxiliary logits: ``(logits, aux_logits)``.
+    ``forward`` returns logits: (B,) with one output (binary), (B, K) otherwise; the task turns
+    them into probabilities (see ``medxfer.tasks``). In training mode an Inception v3 backbone
+    also returns its auxiliary logits: ``(logits, aux_logits)``.
     """
 
-    def __init__(self, prep: GrayToRGB, backbone: nn.Module, num_features: int) -> None:
+    def __init__(
+        self, prep: GrayToRGB, backbone: nn.Module, num_features: int, outputs: int = 1
+    ) -> None:
         super().__init__()
         self.prep = prep
         self.backbone = backbone
-        self.head = nn.Linear(num_features, 1)
+        self.head = HeadOnly(nn.Linear(num_features, outputs))
         self.num_features = num_features
         self.frozen: list[nn.Module] = []  # modules kept in eval mode while training (see modes)
 
@@ -48,8 +52,8 @@ class XrayClassifier(nn.Module):
     def forward(self, gray: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = self.backbone(self.prep(gray))
         if isinstance(out, tuple):  # Inception v3 in training mode: (features, aux logits)
-            return self.head(out[0]).squeeze(1), out[1].squeeze(1)
-        return self.head(out).squeeze(1)
+            return self.head(out[0]), _squeeze_single(out[1])
+        return self.head(out)
 
     def train(self, mode: bool = True) -> XrayClassifier:
         super().train(mode)
@@ -57,3 +61,18 @@ class XrayClassifier(nn.Module):
             for module in self.frozen:
                 module.eval()
         return self
+
+
+class HeadOnly(nn.Module):
+    """The classifier's head: features (B, D) -> logits, (B,) for a single output."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return _squeeze_single(self.linear(features))
+
+
+def _squeeze_single(logits: torch.Tensor) -> torch.Tensor:
+    return logits.squeeze(1) if logits.shape[1] == 1 else logits

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import urllib.error
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torchvision
@@ -18,73 +16,11 @@ from torch import nn
 
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import GrayToRGB, XrayClassifier
+from medxfer.models.spec import PAPER_ARCHS, PAPER_MEAN_STD, ModelSpec, default_image_size
 from medxfer.models.stages import backbone_stages
-from medxfer.models.weights import (
-    DEFAULT_TAG,
-    missing_weights_message,
-    torchvision_archs,
-    torchvision_weights,
-)
+from medxfer.models.weights import missing_weights_message, torchvision_weights
 
-PAPER_ARCHS = (
-    "resnet18",
-    "resnet50",
-    "densenet161",
-    "shufflenet_v2_x1_0",
-    "mobilenet_v2",
-    "resnext50_32x4d",
-    "wide_resnet50_2",
-    "inception_v3",
-)
-MODES = ("transfer", "scratch", "finetune", "partial")
-BN_POLICIES = ("frozen", "adapt", "train")
-NORMALIZATIONS = ("paper", "imagenet")
-PAPER_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    arch: str
-    mode: str = "transfer"
-    bn: str = "frozen"
-    trainable_stages: int = 1
-    normalization: str = "paper"
-    weights: str | None = None  # a local weights file instead of the standard download
-    weights_tag: str = DEFAULT_TAG
-    inception_aux: bool = True  # Inception v3's auxiliary classifier (needs >= 299 px inputs)
-
-    @property
-    def pretrained(self) -> bool:
-        return self.mode != "scratch"
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise MedxferError(f"--mode {self.mode!r}: unknown (choose from {', '.join(MODES)})")
-        if self.bn not in BN_POLICIES:
-            raise MedxferError(f"--bn {self.bn!r}: unknown (choose from {', '.join(BN_POLICIES)})")
-        if self.normalization not in NORMALIZATIONS:
-            raise MedxferError(
-                f"--normalize {self.normalization!r}: unknown "
-                f"(choose from {', '.join(NORMALIZATIONS)})"
-            )
-        if self.weights and not Path(self.weights).is_file():
-            raise MedxferError(f"{self.weights}: weights file not found")
-        if self.mode == "partial" and self.trainable_stages < 1:
-            raise MedxferError("--trainable-stages must be at least 1 in partial mode")
-        if self.arch.startswith("timm/"):
-            import timm
-
-            if not timm.is_model(self.arch[5:]):
-                raise MedxferError(f"unknown timm architecture {self.arch[5:]!r}")
-        elif self.arch not in torchvision_archs():
-            raise MedxferError(
-                f"unknown architecture {self.arch!r}: use a torchvision classifier name "
-                f"(see `medxfer models`) or timm/NAME"
-            )
-
-
-def default_image_size(arch: str) -> int:
-    return 299 if arch == "inception_v3" else 224
+__all__ = ["PAPER_ARCHS", "ModelSpec", "create_model", "default_image_size", "weights_digest"]
 
 
 def create_model(spec: ModelSpec, load_weights: bool = True) -> XrayClassifier:
@@ -94,12 +30,14 @@ def create_model(spec: ModelSpec, load_weights: bool = True) -> XrayClassifier:
     restoring a trained model from its own state dict).
     """
     spec.validate()
+    if load_weights:
+        spec.check_files()
     if spec.arch.startswith("timm/"):
         backbone, num_features, mean_std = _timm_backbone(spec, load_weights)
     else:
         backbone, num_features, mean_std = _torchvision_backbone(spec, load_weights)
     prep = GrayToRGB(*(PAPER_MEAN_STD if spec.normalization == "paper" else mean_std))
-    model = XrayClassifier(prep, backbone, num_features)
+    model = XrayClassifier(prep, backbone, num_features, spec.outputs)
     _apply_mode(model, spec)
     return model
 
@@ -111,7 +49,10 @@ def weights_digest(spec: ModelSpec) -> str:
     if spec.weights:
         return _file_sha256(spec.weights)[:16]
     if spec.arch.startswith("timm/"):
-        return f"timm:{spec.arch}"
+        import timm
+
+        cfg = timm.get_pretrained_cfg(spec.arch[5:])
+        return f"timm:{spec.arch}:{cfg.hf_hub_id or cfg.url}" if cfg else f"timm:{spec.arch}"
     weights = torchvision_weights(spec.arch, spec.weights_tag)
     return weights.filename if weights else "none"
 
@@ -138,7 +79,7 @@ def _torchvision_backbone(spec: ModelSpec, load_weights: bool) -> tuple[nn.Modul
         # Inception's weights expect inputs scaled to [-1, 1] (the paper's normalisation);
         # ``transform_input`` converts ImageNet-normalised inputs into that range.
         model.transform_input = spec.normalization == "imagenet" and spec.pretrained
-    num_features = _drop_last_linear(model)
+    num_features = _drop_last_linear(model, spec.outputs)
     mean_std = weights.mean_std if weights else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     return model, num_features, mean_std
 
@@ -168,7 +109,7 @@ def _timm_backbone(spec: ModelSpec, load_weights: bool) -> tuple[nn.Module, int,
     return model, model.num_features, mean_std
 
 
-def _drop_last_linear(model: nn.Module) -> int:
+def _drop_last_linear(model: nn.Module, outputs: int) -> int:
     """Replace the classifier's final Linear by Identity; return its input width."""
     name, last = None, None
     for n, m in model.named_modules():
@@ -178,7 +119,7 @@ def _drop_last_linear(model: nn.Module) -> int:
         raise MedxferError(f"{type(model).__name__}: no final Linear layer to replace")
     model.set_submodule(name, nn.Identity())
     if hasattr(model, "AuxLogits") and model.AuxLogits is not None:
-        model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, 1)
+        model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, outputs)
     return last.in_features
 
 

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torchvision.models import get_model_weights
 
-DEFAULT_TAG = "IMAGENET1K_V1"  # what `pretrained=True` meant; the weights the paper used
+from medxfer.models.spec import DEFAULT_TAG
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from medxfer import rundir
 from medxfer.atomic import write_json, write_with
 from medxfer.data.prepared import prepare_data
+from medxfer.device import inference_batch_size, select_device
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import ModelSpec, create_model, default_image_size
@@ -26,8 +26,6 @@ from medxfer.similarity.measures import (
     mean_pairwise_cosine,
     mean_pairwise_euclidean,
 )
-from medxfer.training.device import select_device
-from medxfer.training.features import inference_batch_size
 
 
 def domain_measures(natural: torch.Tensor, medical: torch.Tensor) -> dict:
@@ -63,8 +61,11 @@ def measure(
 ) -> dict:
     """Compute every measure per stage and write ``similarity.json`` and ``similarity.png``."""
     device = select_device(device_name)
-    finetuned, saved = rundir.load_model(run) if run else (None, None)
-    cfg = rundir.read_config(run) if run else None
+    from medxfer.run.trained import TrainedModel
+
+    trained = TrainedModel.load(run) if run else None
+    finetuned = trained.network if trained else None
+    cfg = trained.config if trained else None
     arch = arch or (cfg.arch if cfg else None)
     if arch is None:
         raise MedxferError("--arch is required without --run")
@@ -79,7 +80,7 @@ def measure(
     )
     names = stage_names(pretrained, layers)
     data = prepare_data(
-        medical_data, size, positive=saved["positive"] if saved else None, progress=progress
+        medical_data, size, positive=None, progress=progress
     )
     if split not in data.splits:
         raise MedxferError(f"{medical_data}: no {split!r} split")

@@ -16,9 +16,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from medxfer import rundir
 from medxfer.config import RunConfig
 from medxfer.errors import MedxferError
+from medxfer.run.folder import RunFolder
 from medxfer.study.spec import Cell, Study
 from medxfer.study.table import write_results
 
@@ -29,9 +29,9 @@ def run_cell(options: dict, out: str, lock_dir: str, threads: int | None = None)
     """Train one cell unless it is finished or locked by another executor; return its state."""
     import torch
 
-    from medxfer.runner import train
+    from medxfer.run.pipeline import train
 
-    if rundir.is_complete(Path(out)):
+    if RunFolder(out).is_complete():
         return "done"
     Path(lock_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(lock_dir) / f"{Path(out).name}.lock", "w") as lock:
@@ -65,7 +65,7 @@ def run_study(
     lock_dir = str(out / "locks")
     log(
         f"study {study.name}: {len(cells)} cells, "
-        f"{sum(rundir.is_complete(Path(o)) for *_, o in jobs)} already finished"
+        f"{sum(RunFolder(o).is_complete() for *_, o in jobs)} already finished"
     )
     started = time.perf_counter()
     if executor == "local":

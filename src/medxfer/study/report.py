@@ -4,7 +4,6 @@ the published values beside ours, as Markdown and as one self-contained HTML fil
 from __future__ import annotations
 
 import base64
-import json
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -12,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medxfer import rundir
 from medxfer.atomic import write_text, write_with
 from medxfer.config import RunConfig
 from medxfer.errors import MedxferError
+from medxfer.run.folder import RunFolder
 from medxfer.study.paper_values import COLUMNS, paper_value
 from medxfer.study.table import collect
 
@@ -162,7 +161,7 @@ def _figure3(study_dir: Path, frame: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = dict(zip(sorted(frame.arch.unique()), plt.cm.tab10.colors, strict=False))
     for _, row in frame.drop_duplicates(["arch", "mode"]).iterrows():
-        history = pd.read_csv(study_dir / "runs" / row.cell / rundir.HISTORY)
+        history = RunFolder(study_dir / "runs" / row.cell).read_history()
         style = "-" if row["mode"] == "transfer" else "--"
         for ax, col in zip(axes, ("train_loss", "train_accuracy"), strict=True):
             ax.plot(
@@ -203,8 +202,8 @@ def _roc(study_dir: Path, frame: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 6))
     for _, row in frame.drop_duplicates(["arch", "mode"]).iterrows():
         run = study_dir / "runs" / row.cell
-        predictions = pd.read_csv(run / rundir.PREDICTIONS)
-        positive = json.loads((run / rundir.METRICS).read_text())["positive"]
+        predictions = RunFolder(run).read_predictions("test")
+        positive = RunFolder(run).read_metrics()["positive"]
         fpr, tpr, _ = roc_curve(
             predictions.label.astype(str) == str(positive), predictions.probability
         )
@@ -232,7 +231,7 @@ def _confusions(study_dir: Path, frame: pd.DataFrame, path: Path) -> None:
     for ax in axes.flat:
         ax.axis("off")
     for ax, (_, row) in zip(axes.flat, rows.iterrows(), strict=False):
-        metrics = json.loads((study_dir / "runs" / row.cell / rundir.METRICS).read_text())
+        metrics = RunFolder(study_dir / "runs" / row.cell).read_metrics()
         matrix = np.array(metrics["test"]["confusion_matrix"])
         ax.axis("on")
         ax.imshow(matrix, cmap="Blues")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from medxfer import rundir
 from medxfer.atomic import write_with
 from medxfer.evaluation.metrics import SCALAR_METRICS
+from medxfer.run.folder import RunFolder
 
 TABLE = "results"
 
@@ -19,12 +18,12 @@ def collect(out: Path) -> pd.DataFrame:
     selected epoch, wall time and device. Unfinished runs are not counted."""
     rows = []
     for run in sorted((Path(out) / "runs").glob("*")):
-        if not rundir.is_complete(run):
+        folder = RunFolder(run)
+        if not folder.is_complete():
             continue
-        config = json.loads((run / rundir.CONFIG).read_text())
-        metrics = json.loads((run / rundir.METRICS).read_text())
-        row = {"cell": run.name, **config["run"]}
-        row["image_size"] = config["resolved"]["image_size"]
+        metrics = folder.read_metrics()
+        row = {"cell": run.name, **folder.read_config().to_dict()}
+        row["image_size"] = folder.read_resolved()["image_size"]
         test = metrics["test"]
         for key in SCALAR_METRICS:
             row[key] = test[key]
@@ -36,7 +35,7 @@ def collect(out: Path) -> pd.DataFrame:
                 "selected_epoch": metrics["selected_epoch"],
                 "seconds": metrics["seconds"]["total"],
                 "device": metrics["device"],
-                "torch": config["environment"]["torch"],
+                "torch": folder.read_environment()["torch"],
             }
         )
         rows.append(row)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +19,21 @@ from tqdm.auto import tqdm
 
 from medxfer.atomic import write_json, write_with
 from medxfer.data.augment import Augmentation, augment_batch
+from medxfer.device import Runtime, autocast, to_input
 from medxfer.models.classifier import XrayClassifier
-from medxfer.training.device import autocast
 
 
-def to_input(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, S, S) -> float (B, 1, S, S) in [0, 1] on ``device``."""
-    return pixels.to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+@dataclass(frozen=True)
+class View:
+    """Which view of the images to pass: clean (no ``augmentation``), or augmented with random
+    parameters drawn from a generator seeded with ``seed``."""
 
+    augmentation: Augmentation | None = None
+    seed: int = 0
 
-def inference_batch_size(requested: int | None, device: torch.device) -> int:
-    """Small batches keep a CPU's caches warm (measured: see benchmarks/README.md)."""
-    return requested or (256 if device.type == "cuda" else 8)
+    @property
+    def clean(self) -> bool:
+        return self.augmentation is None
 
 
 @torch.inference_mode()
@@ -37,54 +41,80 @@ def extract_features(
     model: XrayClassifier,
     pixels: torch.Tensor,
     indices: torch.Tensor,
-    device: torch.device,
-    batch_size: int = 128,
-    aug: Augmentation | None = None,
-    generator: torch.Generator | None = None,
-    amp: torch.dtype | None = None,
-    desc: str = "features",
-    progress: bool = True,
+    runtime: Runtime,
+    view: View = View(),
 ) -> torch.Tensor:
-    """Backbone features (len(indices), D) float32 on the CPU, optionally of augmented views."""
+    """Backbone features (len(indices), D) float32 on the CPU. Clean views are computed in
+    float32 (they are what a run is evaluated on, and ``evaluate`` must reproduce them);
+    augmented training views in the run's training precision."""
     model.eval()
+    generator = torch.Generator().manual_seed(view.seed)
+    amp = None if view.clean else runtime.amp
     out = []
     for chunk in tqdm(
-        indices.split(batch_size), desc=desc, disable=None if progress else True, leave=False
+        indices.split(runtime.batch_size),
+        desc="features" if view.clean else "augmented features",
+        disable=None if runtime.progress else True,
+        leave=False,
     ):
-        x = to_input(pixels[chunk], device)
-        if aug is not None:
-            x = augment_batch(x, aug, generator)
-        with autocast(device, amp):
+        x = to_input(pixels[chunk], runtime.device)
+        if not view.clean:
+            x = augment_batch(x, view.augmentation, generator)
+        with autocast(runtime.device, amp):
             out.append(model.features(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.num_features)
 
 
 @torch.no_grad()
 def adapt_batchnorm(
-    model: XrayClassifier,
-    pixels: torch.Tensor,
-    indices: torch.Tensor,
-    device: torch.device,
-    batch_size: int = 128,
-    progress: bool = True,
-) -> None:
-    """Re-estimate every BatchNorm's running statistics on the given images (a cumulative
-    average over one pass), leaving the weights untouched and the model in eval mode."""
-    norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
+    norms: list[nn.modules.batchnorm._BatchNorm],
+    forward: Callable[[torch.Tensor], object],
+    batches: Iterable[torch.Tensor],
+) -> int:
+    """Replace the running statistics of ``norms`` by the per-channel mean and variance of
+    their inputs over every pixel of every image in ``batches``; return the pixel count.
+
+    Sums of x and x^2 are accumulated in float64 (law of total variance), so the result does
+    not depend on the batch size, unlike averaging per-batch statistics. What remains
+    approximate: all layers adapt in one pass, so each layer's inputs are those produced with
+    the *previous* (ImageNet) statistics upstream, not with the adapted ones. The model is
+    evaluated in eval mode; weights are untouched.
+    """
+    sums: dict[int, list] = {}
+
+    def accumulate(module, inputs):
+        x = inputs[0].detach().double()
+        dims = [d for d in range(x.ndim) if d != 1]
+        entry = sums.setdefault(id(module), [0.0, 0.0, 0])
+        entry[0] = entry[0] + x.sum(dims)
+        entry[1] = entry[1] + (x * x).sum(dims)
+        entry[2] += x.numel() // x.shape[1]
+
+    hooks = [m.register_forward_pre_hook(accumulate) for m in norms]
+    try:
+        for batch in batches:
+            forward(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
     for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.eval()
-    for m in norms:
-        m.train()
-    for chunk in tqdm(
-        indices.split(batch_size), desc="adapt BN", disable=None if progress else True, leave=False
-    ):
-        model.features(to_input(pixels[chunk], device))
-    for m, momentum in zip(norms, saved, strict=True):
-        m.momentum = momentum
-    model.eval()
+        total, squares, count = sums[id(m)]
+        mean = total / count
+        var = (squares / count - mean * mean).clamp(min=0) * (count / max(count - 1, 1))
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.to(m.running_var.dtype))
+    return sums[id(norms[0])][2] if norms else 0
+
+
+def frozen_norms(model: XrayClassifier) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers that keep ImageNet weights and evaluation statistics (those of the
+    frozen part of the backbone): the ones ``--bn adapt`` re-estimates."""
+    return [
+        m
+        for frozen in model.frozen
+        for m in frozen.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
 
 
 class FeatureCache:

@@ -10,15 +10,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy.special import expit
 from torch import nn
 from tqdm.auto import tqdm
 
 from medxfer.data.augment import Augmentation, augment_batch
-from medxfer.evaluation.metrics import binary_metrics
-from medxfer.training.device import autocast
-from medxfer.training.features import to_input
+from medxfer.device import autocast, to_input
+from medxfer.evaluation.metrics import task_metrics
+from medxfer.models.classifier import HeadOnly
+from medxfer.tasks import Task
 
 AUX_LOSS_WEIGHT = 0.4  # Inception v3's auxiliary classifier, as in torchvision's references
 
@@ -49,17 +48,6 @@ class ImageSource:
         return to_input(self.pixels[idx.to(self.pixels.device)], self.device)
 
 
-class HeadOnly(nn.Module):
-    """The classifier's head applied to precomputed features."""
-
-    def __init__(self, head: nn.Linear) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features).squeeze(1)
-
-
 class FeatureSource:
     """Training inputs are cached backbone features: each epoch draws one of the K stored
     augmented views for every training image; evaluation uses the clean view.
@@ -70,7 +58,7 @@ class FeatureSource:
 
     def __init__(
         self,
-        head: nn.Linear,
+        head: HeadOnly,
         clean: torch.Tensor,
         clean_index: torch.Tensor,
         views: torch.Tensor | None,
@@ -78,7 +66,7 @@ class FeatureSource:
         device: torch.device,
         seed: int,
     ) -> None:
-        self.net = HeadOnly(head)
+        self.net = head
         self.eval_batch_size = 4096
         self.device = device
         self.clean = clean.to(device)
@@ -128,128 +116,109 @@ def build_optimizer(
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
-def class_weights(labels: torch.Tensor) -> torch.Tensor:
-    """'Balanced' weights w_c = N / (2 N_c): each class carries half of the loss."""
-    counts = torch.bincount(labels, minlength=2).double().clamp(min=1)
-    return (len(labels) / (2 * counts)).float()
-
-
-def weighted_bce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    per_image = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
-    return (per_image * weights[target]).mean()
-
-
 @torch.inference_mode()
-def predict_logits(
-    net: nn.Module,
-    source,
-    indices: torch.Tensor,
-    device: torch.device,
-    amp: torch.dtype | None,
-) -> np.ndarray:
-    """Logits of the positive class for ``indices`` (float64)."""
+def predict_logits(net: nn.Module, source, indices: torch.Tensor) -> np.ndarray:
+    """Logits of ``indices`` (float64), computed in float32 whatever the training precision:
+    the numbers a run reports must be the ones ``evaluate`` and ``predict`` reproduce."""
     net.eval()
-    out = []
-    for chunk in indices.split(source.eval_batch_size):
-        with autocast(device, amp):
-            logits = net(source.eval_inputs(chunk))
-        out.append(logits.double().cpu())
+    out = [
+        net(source.eval_inputs(chunk)).double().cpu()
+        for chunk in indices.split(source.eval_batch_size)
+    ]
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return expit(np.asarray(logits, dtype=np.float64) / temperature)
+@dataclass
+class Schedule:
+    """How to train: the optimiser and the loop's settings (one run's, from its config)."""
 
-
-def predict(
-    net: nn.Module, source, indices: torch.Tensor, device: torch.device, amp: torch.dtype | None
-) -> np.ndarray:
-    """Positive-class probabilities for ``indices``."""
-    return sigmoid(predict_logits(net, source, indices, device, amp))
+    optimizer: torch.optim.Optimizer
+    epochs: int
+    batch_size: int
+    select: str
+    seed: int
+    amp: torch.dtype | None = None
 
 
 def fit(
     source,
-    labels: torch.Tensor,
-    splits: dict[str, torch.Tensor],
-    *,
-    epochs: int,
-    batch_size: int,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    amp: torch.dtype | None,
-    select: str,
-    seed: int,
+    data,
+    task: Task,
+    schedule: Schedule,
     state: TrainState,
+    *,
     on_epoch_end: Callable[[TrainState], None] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainState:
     """Train ``source.net`` for the remaining epochs of ``state``; evaluate val/test each epoch.
 
-    The best epoch (by ``select`` on validation data only) is kept in ``state.best_state``.
+    The best epoch (by ``schedule.select`` on validation data only) is kept in
+    ``state.best_state``. ``train_loss`` is the plain (unweighted) loss of the main output, the
+    quantity reported for val/test too; ``train_objective`` is what the optimiser minimised
+    (class-weighted, plus 0.4 x the auxiliary loss for Inception v3).
     """
-    net = source.net
-    train_idx = splits["train"]
-    train_labels = labels[train_idx]
-    weights = class_weights(train_labels).to(device)
-    order = torch.Generator().manual_seed(seed)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    net, device = source.net, source.device
+    train_idx = data.splits["train"]
+    weights = task.class_weights(data.targets[train_idx]).to(device)
+    order = torch.Generator().manual_seed(schedule.seed)
+    scaler = torch.amp.GradScaler(device.type, enabled=schedule.amp == torch.float16)
     if state.generators:
         order.set_state(state.generators["order"])
         source.generator.set_state(state.generators["source"])
-    labels_dev = labels.to(device)
+    targets = data.targets.to(device)
+    optimizer = schedule.optimizer
+    # correct decisions are counted per label entry for multilabel tasks
+    per_row = 1 if targets.ndim == 1 else targets.shape[1]
 
-    for epoch in range(state.epoch + 1, epochs + 1):
+    for epoch in range(state.epoch + 1, schedule.epochs + 1):
         started = time.perf_counter()
         net.train()
         # Running sums stay on the device: no host synchronisation inside the epoch.
-        total_loss = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # objective, loss, correct
         seen = 0
         perm = train_idx[torch.randperm(len(train_idx), generator=order)]
-        batches = perm.split(batch_size)
+        batches = perm.split(schedule.batch_size)
         for chunk in tqdm(
-            batches, desc=f"epoch {epoch}/{epochs}", disable=None if progress else True, leave=False
+            batches,
+            desc=f"epoch {epoch}/{schedule.epochs}",
+            disable=None if progress else True,
+            leave=False,
         ):
-            target = labels_dev[chunk.to(device)]
-            with autocast(device, amp):
+            target = targets[chunk.to(device)]
+            with autocast(device, schedule.amp):
                 out = net(source.train_inputs(chunk))
-            if isinstance(out, tuple):  # Inception v3 auxiliary head
-                logits = out[0]
-                loss = weighted_bce(out[0], target, weights) + AUX_LOSS_WEIGHT * weighted_bce(
-                    out[1], target, weights
-                )
-            else:
-                logits = out
-                loss = weighted_bce(logits, target, weights)
+            logits, aux = out if isinstance(out, tuple) else (out, None)
+            objective = task.loss(logits, target, weights)
+            if aux is not None:  # Inception v3 auxiliary head
+                objective = objective + AUX_LOSS_WEIGHT * task.loss(aux, target, weights)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             scaler.step(optimizer)
             scaler.update()
-            total_loss += loss.detach() * len(chunk)
-            correct += ((logits.detach() >= 0).long() == target).sum()
+            with torch.no_grad():
+                sums += torch.stack(
+                    [
+                        objective.detach().double(),
+                        task.loss(logits.detach(), target).double(),
+                        task.correct(logits.detach(), target).double() / per_row,
+                    ]
+                ) * torch.tensor([len(chunk), len(chunk), 1.0], device=device, dtype=torch.float64)
             seen += len(chunk)
 
+        objective_sum, loss_sum, correct = sums.tolist()
         row: dict = {
             "epoch": epoch,
-            "train_loss": total_loss.item() / seen,
-            "train_accuracy": correct.item() / seen,
+            "train_loss": loss_sum / seen,
+            "train_objective": objective_sum / seen,
+            "train_accuracy": correct / seen,
         }
         for split in ("val", "test"):
-            if split in splits:
-                prob = predict(net, source, splits[split], device, amp)
-                metrics = binary_metrics(labels[splits[split]].numpy(), prob)
-                row.update(
-                    {
-                        f"{split}_{k}": v
-                        for k, v in metrics.items()
-                        if k not in ("confusion_matrix", "threshold", "n")
-                    }
-                )
+            if split in data.splits:
+                row.update(_split_row(net, source, data, task, split))
         row["seconds"] = time.perf_counter() - started
         state.history.append(row)
-        score = _selection_score(row, select)
+        score = _selection_score(row, schedule.select)
         if score <= state.best_score:
             state.best_score, state.best_epoch = score, epoch
             state.best_state = copy.deepcopy(net.state_dict())
@@ -262,12 +231,25 @@ def fit(
     return state
 
 
+def _split_row(net: nn.Module, source, data, task: Task, split: str) -> dict:
+    """Scalar metrics of one split at the default operating point, as history columns."""
+    idx = data.splits[split]
+    prob = task.probabilities(predict_logits(net, source, idx))
+    metrics = task_metrics(task.name, data.targets[idx].numpy(), prob, None, task.classes)
+    return {
+        f"{split}_{k}": v
+        for k, v in metrics.items()
+        if v is None or (isinstance(v, (int, float)) and k not in ("threshold", "n"))
+    }
+
+
 def _selection_score(row: dict, select: str) -> float:
     """Lower is better. Without a validation split every rule falls back to the last epoch."""
     if select == "val_loss" and "val_loss" in row:
         return row["val_loss"]
-    if select == "val_auc" and row.get("val_roc_auc") is not None:
-        return -row["val_roc_auc"]
+    auc = row.get("val_roc_auc", row.get("val_macro_roc_auc"))
+    if select == "val_auc" and auc is not None:
+        return -auc
     return -float(row["epoch"])
 
 
@@ -279,7 +261,7 @@ def _epoch_line(row: dict) -> str:
     ]
     for split in ("val", "test"):
         if f"{split}_loss" in row:
-            auc = row[f"{split}_roc_auc"]
+            auc = row.get(f"{split}_roc_auc", row.get(f"{split}_macro_roc_auc"))
             parts.append(
                 f"{split} loss {row[f'{split}_loss']:.4f} acc "
                 f"{row[f'{split}_accuracy']:.3f} auc {auc if auc is None else round(auc, 3)}"

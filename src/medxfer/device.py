@@ -1,9 +1,10 @@
-"""Device selection and mixed precision."""
+"""Device selection, mixed precision and input batches: shared by training and inference."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -41,3 +42,39 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
     else:
         with torch.autocast(device_type=device.type, dtype=dtype):
             yield
+
+
+def to_input(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, S, S) gray or (B, 3, S, S) colour -> float (B, C, S, S) in [0, 1] on ``device``."""
+    x = pixels.to(device, non_blocking=True)
+    x = x.unsqueeze(1) if x.ndim == 3 else x
+    return x.float().div_(255.0)
+
+
+def inference_batch_size(requested: int | None, device: torch.device) -> int:
+    """Small batches keep a CPU's caches warm (measured: see benchmarks/README.md)."""
+    return requested or (256 if device.type == "cuda" else 8)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run computes: device, training precision, inference batch size."""
+
+    device: torch.device
+    amp: torch.dtype | None = None  # training precision on CUDA; evaluation is always float32
+    batch_size: int = 8  # inference batch size
+    progress: bool = True
+
+    @classmethod
+    def create(
+        cls,
+        device_name: str = "auto",
+        *,
+        amp: bool = True,
+        batch_size: int | None = None,
+        progress: bool = True,
+    ) -> Runtime:
+        device = select_device(device_name)
+        return cls(
+            device, amp_dtype(device, amp), inference_batch_size(batch_size, device), progress
+        )

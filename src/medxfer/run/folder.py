@@ -1,0 +1,159 @@
+"""The run folder: the only code that knows its file names and JSON layout."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medxfer.atomic import write_json, write_with
+from medxfer.config import RunConfig
+from medxfer.errors import MedxferError
+
+
+class RunFolder:
+    """A run's files. ``metrics.json`` is written last and marks the run complete."""
+
+    CONFIG = "config.json"
+    HISTORY = "history.csv"
+    METRICS = "metrics.json"
+    PREDICTIONS = "predictions.csv"
+    MODEL = "model.pt"
+    CHECKPOINT = "checkpoint.pt"
+    RELIABILITY = "reliability.png"
+    FILES = (CONFIG, HISTORY, METRICS, PREDICTIONS, MODEL, RELIABILITY)
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # -- state --------------------------------------------------------------------------
+    def is_complete(self) -> bool:
+        return self.file(self.METRICS).exists()
+
+    def has_run(self) -> bool:
+        """Whether a run (finished or not) was started here."""
+        return self.file(self.CONFIG).exists()
+
+    def is_foreign(self) -> bool:
+        """A non-empty folder that holds no medxfer run: never overwritten without asking."""
+        return self.path.exists() and any(self.path.iterdir()) and not self.has_run()
+
+    # -- reading ------------------------------------------------------------------------
+    def read_config(self) -> RunConfig:
+        return RunConfig.from_dict(self._config_json()["run"])
+
+    def read_resolved(self) -> dict[str, Any]:
+        return self._config_json().get("resolved", {})
+
+    def read_environment(self) -> dict[str, Any]:
+        return self._config_json().get("environment", {})
+
+    def read_metrics(self) -> dict[str, Any]:
+        if not self.is_complete():
+            raise MedxferError(f"{self.path}: the run is not finished (no {self.METRICS})")
+        return json.loads(self.file(self.METRICS).read_text())
+
+    def read_history(self) -> pd.DataFrame:
+        return pd.read_csv(self.file(self.HISTORY))
+
+    def read_predictions(self, split: str | None = "test") -> pd.DataFrame:
+        """Stored predictions; runs of the first version hold test rows only (no ``split``)."""
+        frame = pd.read_csv(self.file(self.PREDICTIONS))
+        if "split" not in frame.columns:
+            frame.insert(0, "split", "test")
+        return frame if split is None else frame[frame.split == split].reset_index(drop=True)
+
+    def _config_json(self) -> dict[str, Any]:
+        path = self.file(self.CONFIG)
+        if not path.exists():
+            raise MedxferError(f"{self.path}: not a medxfer run folder (no {self.CONFIG})")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MedxferError(f"{path}: unreadable ({exc})") from None
+
+    # -- writing (each file atomically) ---------------------------------------------------
+    def write_config(self, cfg: RunConfig, resolved: dict[str, Any]) -> None:
+        write_json(
+            self.file(self.CONFIG),
+            {"run": cfg.to_dict(), "resolved": resolved, "environment": environment()},
+        )
+
+    def write_history(self, rows: list[dict]) -> None:
+        self.write_table(self.HISTORY, pd.DataFrame(rows))
+
+    def write_predictions(self, frame: pd.DataFrame) -> None:
+        self.write_table(self.PREDICTIONS, frame)
+
+    def write_table(self, name: str, frame: pd.DataFrame) -> None:
+        write_with(self.file(name), lambda tmp: frame.to_csv(tmp, index=False))
+
+    def write_file(self, name: str, writer: Callable[[Path], None]) -> None:
+        write_with(self.file(name), writer)
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        """Written last: marks the run complete."""
+        write_json(self.file(self.METRICS), metrics)
+
+    def check_same(self, cfg: RunConfig) -> None:
+        """Refuse to continue a run of other settings in this folder."""
+        diff = cfg.differences(self.read_config())
+        if diff:
+            raise MedxferError(
+                f"{self.path}: holds a run with other settings ({', '.join(diff)}); "
+                "use another --out or --overwrite"
+            )
+
+
+def environment() -> dict[str, Any]:
+    """Library versions, machine and git commit, for config.json."""
+    import numpy
+    import sklearn
+    import timm
+    import torch
+    import torchvision
+
+    import medxfer
+
+    return {
+        "medxfer": medxfer.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

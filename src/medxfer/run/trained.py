@@ -1,0 +1,159 @@
+"""A trained model: the network with everything needed to use it (task, classes, operating
+points, temperature, input format). The only code that knows ``model.pt``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medxfer.atomic import write_with
+from medxfer.config import RunConfig
+from medxfer.device import inference_batch_size, to_input
+from medxfer.errors import MedxferError
+from medxfer.models.classifier import XrayClassifier
+from medxfer.run.folder import RunFolder
+from medxfer.tasks import Task, make_task
+
+MODEL_FORMAT = 2
+
+
+@dataclass
+class TrainedModel:
+    network: XrayClassifier
+    config: RunConfig
+    task: Task
+    thresholds: list[float] | None = None  # binary: [t]; multilabel: one per label
+    temperature: float = 1.0
+    color: str = "gray"  # input channels: gray (1) or rgb (3)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.task.classes
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.color == "rgb" else 1
+
+    # -- files --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        state = {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
+        payload = {
+            "format": MODEL_FORMAT,
+            "config": self.config.to_dict(),
+            "task": self.task.name,
+            "classes": list(self.task.classes),
+            "thresholds": self.thresholds,
+            "temperature": self.temperature,
+            "color": self.color,
+            "state_dict": state,
+        }
+        write_with(path, lambda tmp: torch.save(payload, tmp))
+
+    @classmethod
+    def load(cls, source: str | Path | RunFolder) -> TrainedModel:
+        """From a run folder or a ``model.pt``; the network in eval mode on the CPU."""
+        path = Path(source)
+        if path.is_dir():
+            path = path / RunFolder.MODEL
+        if not path.exists():
+            raise MedxferError(
+                f"{path.parent}: no trained model ({path.name}); is the run finished?"
+            )
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise MedxferError(f"{path}: unreadable model file ({type(exc).__name__})") from None
+        if not isinstance(saved, dict) or "state_dict" not in saved or "config" not in saved:
+            raise MedxferError(f"{path}: not a medxfer model file")
+        saved = saved if saved.get("format") == MODEL_FORMAT else _from_first_format(saved, path)
+        cfg = RunConfig.from_dict(saved["config"])
+        task = make_task(saved["task"], saved["classes"])
+        from medxfer.models.factory import create_model
+
+        spec = cfg.model_spec
+        network = create_model(
+            type(spec)(**{**spec.__dict__, "outputs": task.outputs}), load_weights=False
+        )
+        try:
+            network.load_state_dict(saved["state_dict"])
+        except RuntimeError as exc:
+            raise MedxferError(
+                f"{path}: weights do not fit {cfg.arch} ({str(exc).splitlines()[0]})"
+            ) from None
+        return cls(
+            network.eval(),
+            cfg,
+            task,
+            saved.get("thresholds"),
+            float(saved.get("temperature", 1.0)),
+            saved.get("color", "gray"),
+        )
+
+    # -- use ----------------------------------------------------------------------------
+    def to(self, device: torch.device) -> TrainedModel:
+        self.network.to(device, memory_format=torch.channels_last)
+        return self
+
+    @torch.inference_mode()
+    def logits(self, pixels: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        """Logits (float64) of uint8 images (B, S, S) gray or (B, 3, S, S) colour, computed in
+        float32 on the network's device, in batches."""
+        device = next(self.network.parameters()).device
+        self.network.eval()
+        batch = inference_batch_size(batch_size, device)
+        out = [
+            self.network(to_input(chunk, device)).double().cpu() for chunk in pixels.split(batch)
+        ]
+        if not out:
+            return np.zeros((0,) if self.task.outputs == 1 else (0, self.task.outputs))
+        return torch.cat(out).numpy()
+
+    def probabilities(self, pixels: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        """Binary: P(positive) (B,); multiclass: (B, K); multilabel: (B, L); calibrated."""
+        return self.task.probabilities(self.logits(pixels, batch_size), self.temperature)
+
+    def decide(self, prob: np.ndarray, thresholds: list[float] | None = None) -> np.ndarray:
+        """Class indices (binary, multiclass) or a 0/1 matrix (multilabel), at the stored
+        operating points unless ``thresholds`` overrides them."""
+        return self.task.decide(prob, thresholds if thresholds is not None else self.thresholds)
+
+    def describe(self) -> dict[str, Any]:
+        """What a client needs to know beside the network (export metadata, the serve page)."""
+        return {
+            "task": self.task.name,
+            "classes": list(self.classes),
+            "thresholds": self.thresholds,
+            "temperature": self.temperature,
+            "color": self.color,
+            "image_size": self.resolution,
+            "arch": self.config.arch,
+            "mode": self.config.mode,
+        }
+
+
+def _from_first_format(saved: dict, path: Path) -> dict:
+    """model.pt of medxfer 0.1 (binary only): map its keys onto the current layout."""
+    try:
+        state = {
+            ("head.linear." + k[5:] if k.startswith("head.") else k): v
+            for k, v in saved["state_dict"].items()
+        }
+        return {
+            "config": saved["config"],
+            "task": "binary",
+            "classes": [saved["negative"], saved["positive"]],
+            "thresholds": [float(saved["threshold"])],
+            "temperature": saved.get("temperature", 1.0),
+            "color": "gray",
+            "state_dict": state,
+        }
+    except KeyError as exc:
+        raise MedxferError(f"{path}: model file of an unknown layout (no {exc})") from None

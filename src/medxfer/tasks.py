@@ -1,0 +1,101 @@
+"""What a classification task is: how many outputs the head has, its training loss, how logits
+become probabilities and probabilities become decisions. The one place that knows "sigmoid,
+temperature, threshold, class name"; training, assessment and inference all ask it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.special import expit, softmax
+
+from medxfer.errors import MedxferError
+
+TASKS = ("binary", "multiclass", "multilabel")
+
+
+@dataclass(frozen=True)
+class Task:
+    """Behaviour of one task; ``classes`` are the class (or label) names in output order."""
+
+    name: str
+    classes: tuple[str, ...]
+
+    @property
+    def outputs(self) -> int:
+        """Width of the head: one logit for binary, one per class or label otherwise."""
+        return 1 if self.name == "binary" else len(self.classes)
+
+    @property
+    def uses_thresholds(self) -> bool:
+        return self.name != "multiclass"
+
+    def class_weights(self, targets: torch.Tensor) -> torch.Tensor:
+        """Balanced weights: binary/multiclass N / (K N_c) per class; multilabel N / (2 N_c)
+        per label and value (each value of each label carries half of that label's loss)."""
+        if self.name == "multilabel":
+            n = len(targets)
+            positives = targets.double().sum(0).clamp(min=1)
+            negatives = (n - targets.double().sum(0)).clamp(min=1)
+            return torch.stack([n / (2 * negatives), n / (2 * positives)]).float()  # (2, L)
+        k = 2 if self.name == "binary" else len(self.classes)
+        counts = torch.bincount(targets, minlength=k).double().clamp(min=1)
+        return (len(targets) / (k * counts)).float()
+
+    def loss(
+        self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean loss of a batch; with ``weights`` (from :meth:`class_weights`) the optimised,
+        class-weighted form, without it the plain loss that is reported."""
+        logits = logits.float()
+        if self.name == "multiclass":
+            return F.cross_entropy(logits, targets, weight=weights)  # weighted mean, as torch
+        target = targets.float()
+        per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        if weights is None:
+            return per.mean()
+        if self.name == "binary":
+            return (per * weights[targets]).mean()
+        picked = torch.where(target > 0.5, weights[1], weights[0])
+        return (per * picked).mean()
+
+    def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Number of correct decisions at the default operating point (for training accuracy);
+        multilabel counts label entries."""
+        if self.name == "binary":
+            return ((logits >= 0).long() == targets).sum()
+        if self.name == "multiclass":
+            return (logits.argmax(1) == targets).sum()
+        return ((logits >= 0).float() == targets).sum()
+
+    def probabilities(self, logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """Binary: P(positive) (N,); multiclass: softmax (N, K); multilabel: sigmoids (N, L)."""
+        z = np.asarray(logits, dtype=np.float64) / temperature
+        return softmax(z, axis=1) if self.name == "multiclass" else expit(z)
+
+    def decide(self, prob: np.ndarray, thresholds: list[float] | None) -> np.ndarray:
+        """Class index per image (binary, multiclass) or a 0/1 matrix (multilabel)."""
+        prob = np.asarray(prob)
+        if self.name == "multiclass":
+            return prob.argmax(axis=1)
+        cut = np.asarray(thresholds if thresholds is not None else [0.5] * self.outputs)
+        if self.name == "binary":
+            return (prob >= cut[0]).astype(np.int64)
+        return (prob >= cut[None, :]).astype(np.int64)
+
+    def names(self, decisions: np.ndarray) -> list[str]:
+        """Decisions as class names; multilabel: the chosen labels joined by ``|``."""
+        if self.name == "multilabel":
+            return [
+                "|".join(c for c, on in zip(self.classes, row, strict=True) if on)
+                for row in decisions
+            ]
+        return [self.classes[int(i)] for i in decisions]
+
+
+def make_task(name: str, classes: list[str] | tuple[str, ...]) -> Task:
+    if name not in TASKS:
+        raise MedxferError(f"--task {name!r}: choose from {', '.join(TASKS)}")
+    return Task(name, tuple(classes))
