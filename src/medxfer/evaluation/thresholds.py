@@ -26,11 +26,15 @@ def choose_threshold(rule: str, y, prob) -> float:
     check_threshold_rule(rule)
     if y is None or prob is None or len(np.unique(y)) < 2:
         raise MedxferError(f"--threshold {rule}: needs a validation split with both classes")
-    cuts, tpr, fpr = _operating_points(np.asarray(y) == 1, np.asarray(prob, dtype=np.float64))
+    pos = np.asarray(y) == 1
+    cuts, tp, fp = _operating_points(pos, np.asarray(prob, dtype=np.float64))
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if rule == "youden":
-        return float(cuts[int(np.argmax(tpr - fpr))])  # first maximum = highest threshold
+        # J = tp / P - fp / N, compared as the integer tp N - fp P so that equal values tie
+        # exactly; the first maximum is the highest threshold
+        return float(cuts[int(np.argmax(tp * n_neg - fp * n_pos))])
     target = float(rule.removeprefix("sens="))
-    return float(cuts[int(np.flatnonzero(tpr >= target)[0])])
+    return float(cuts[int(np.flatnonzero(tp / n_pos >= target)[0])])
 
 
 def choose_thresholds(rule: str, y, prob, labels: Sequence[str]) -> np.ndarray:
@@ -62,10 +66,10 @@ def check_threshold_rule(rule: str) -> None:
 
 
 def _operating_points(pos: np.ndarray, prob: np.ndarray):
-    """Distinct probabilities in decreasing order with the true and false positive rates of
+    """Distinct probabilities in decreasing order with the true and false positive counts of
     the rule ``prob >= cut`` at each."""
     cuts, inverse = np.unique(prob, return_inverse=True)
     cuts, inverse = cuts[::-1], len(cuts) - 1 - inverse.reshape(-1)
-    tp = np.cumsum(np.bincount(inverse, weights=pos, minlength=len(cuts)))
-    fp = np.cumsum(np.bincount(inverse, weights=~pos, minlength=len(cuts)))
-    return cuts, tp / pos.sum(), fp / (~pos).sum()
+    tp = np.cumsum(np.bincount(inverse[pos], minlength=len(cuts)))
+    fp = np.cumsum(np.bincount(inverse[~pos], minlength=len(cuts)))
+    return cuts, tp, fp
