@@ -9,7 +9,7 @@ import torch
 
 from medxfer import rundir
 from medxfer.atomic import write_json, write_with
-from medxfer.data.prepared import prepare_data
+from medxfer.data.prepared import DataOptions, prepare_data
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import ModelSpec, create_model, default_image_size
@@ -78,9 +78,10 @@ def measure(
         )
     )
     names = stage_names(pretrained, layers)
-    data = prepare_data(
-        medical_data, size, positive=saved["positive"] if saved else None, progress=progress
+    options = DataOptions(
+        positive=saved["positive"] if saved else None, val_fraction=0, color="gray"
     )
+    data = prepare_data(medical_data, size, options, progress=progress)
     if split not in data.splits:
         raise MedxferError(f"{medical_data}: no {split!r} split")
     medical = data.pixels[data.splits[split]][:max_images]
