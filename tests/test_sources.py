@@ -3,7 +3,8 @@ import shutil
 import numpy as np
 import pytest
 
-from medxfer.data.sources import open_dataset, resolve_positive
+from medxfer.data.sources import open_dataset
+from medxfer.data.tasks import resolve_positive
 from medxfer.errors import MedxferError
 
 
@@ -78,8 +79,11 @@ def test_npz_wrong_keys(tmp_path):
 
 
 def test_npz_wrong_shapes(tmp_path):
-    path = _npz(tmp_path / "p.npz", train_labels=np.zeros((10, 2)))
-    with pytest.raises(MedxferError, match=r"train_labels must have shape \(10, 1\)"):
+    path = _npz(tmp_path / "p.npz", train_labels=np.zeros((9, 1)))
+    with pytest.raises(MedxferError, match=r"train_labels of shape \(9, 1\) fits no task"):
+        open_dataset(path)
+    path = _npz(tmp_path / "w.npz", train_labels=np.zeros((10, 2)))  # label sets vs classes
+    with pytest.raises(MedxferError, match=r"label widths differ between splits"):
         open_dataset(path)
     path = _npz(tmp_path / "q.npz", train_images=np.zeros((10, 28, 28), dtype=np.float32))
     with pytest.raises(MedxferError, match="train_images must be uint8"):

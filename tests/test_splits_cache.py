@@ -5,6 +5,7 @@ import pytest
 
 from medxfer.data import cache as cache_module
 from medxfer.data.cache import decode_dataset
+from medxfer.data.options import DataOptions
 from medxfer.data.sources import open_dataset
 from medxfer.data.splits import assign_splits, patient_ids
 from medxfer.errors import MedxferError
@@ -26,8 +27,8 @@ def test_kermany_patient_ids(small_kermany):
 def test_val_split_is_grouped_and_stratified(tmp_path):
     data = make_subset(tmp_path / "d", {"train": 150, "test": 2})
     ds = open_dataset(data)
-    labels = ds.labels("PNEUMONIA")
-    splits = assign_splits(ds, labels, 0.2, seed=1)
+    labels = np.array([r.label == "PNEUMONIA" for r in ds.records], dtype=np.int64)
+    splits = assign_splits(ds, labels, DataOptions(val_fraction=0.2, seed=1))
     ids = np.array(patient_ids(ds))
     train_ids, val_ids = set(ids[splits == "train"]), set(ids[splits == "val"])
     assert val_ids and not train_ids & val_ids  # no patient on both sides
@@ -37,10 +38,25 @@ def test_val_split_is_grouped_and_stratified(tmp_path):
     assert (splits[[i for i, r in enumerate(ds.records) if r.split == "test"]] == "test").all()
 
 
-def test_bad_val_fraction(small_kermany):
-    ds = open_dataset(small_kermany)
+def test_bad_val_fraction():
     with pytest.raises(MedxferError, match="val-fraction"):
-        assign_splits(ds, ds.labels("PNEUMONIA"), 0.7)
+        DataOptions(val_fraction=0.7).validate()
+
+
+def test_patients_from_csv_column_then_regex_then_file(tmp_path, kermany):
+    files = [sorted((kermany / "train" / c).iterdir())[0] for c in ("NORMAL", "PNEUMONIA")]
+    lines = ["path,label,split,patient", f"{files[0]},a,train,P7", f"{files[1]},b,train,"]
+    lines += [f"{f},{c},test," for f, c in zip(files, "ab", strict=True)]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    ds = open_dataset(tmp_path / "m.csv")
+    assert [r.patient for r in ds.records] == [
+        "P7",
+        files[1].name.split("_")[0],
+        "IM-0115",
+        "person1000",
+    ]
+    ds = open_dataset(tmp_path / "m.csv", patient_regex=None)
+    assert patient_ids(ds) == ["P7"] + [f"file:{f}" for f in (files[1], *files)]
 
 
 def test_decode_cache_is_keyed_by_content(tmp_path, monkeypatch):

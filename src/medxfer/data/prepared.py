@@ -129,11 +129,9 @@ def detect_color(imageset: ImageSet, sample: int = COLOR_SAMPLE) -> str:
     class), each decoded at its native size; decoding all would double the cold-start cost.
     A file that cannot be read is left to the decoder to report.
     """
-    if imageset.kind == "npz":
-        arrays = imageset.arrays or {}
-        return (
-            "gray" if all(is_gray(a) for k, a in arrays.items() if k.endswith("_images")) else "rgb"
-        )
+    if imageset.kind == "npz":  # (N, H, W) arrays are gray; (N, H, W, 3) ones are checked
+        images = [a for k, a in (imageset.arrays or {}).items() if k.endswith("_images")]
+        return "gray" if all(a.ndim == 3 or is_gray(a) for a in images) else "rgb"
     records = imageset.records
     picks = np.unique(np.linspace(0, len(records) - 1, min(sample, len(records))).astype(int))
     for i in picks.tolist():

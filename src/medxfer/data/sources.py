@@ -219,10 +219,10 @@ def _from_csv(path: Path, skip_bad: bool) -> ImageSet:
         column = _label_column(path, set(reader.fieldnames or []))
         for line, row in enumerate(reader, start=2):
             where = f"{path}:{line}"
+            label = _csv_label(where, column, row[column])
             split = (row["split"] or "").strip()
             if split not in SPLITS:
                 raise MedxferError(f"{where}: split {split!r} is not one of {SPLITS}")
-            label = _csv_label(where, column, row[column])
             file = Path((row["path"] or "").strip())
             file = file if file.is_absolute() else base / file
             problem = None if file.is_file() else "file not found"

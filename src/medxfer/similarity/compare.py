@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from medxfer.atomic import write_json, write_with
-from medxfer.data.prepared import prepare_data
+from medxfer.data.prepared import DataOptions, prepare_data
 from medxfer.device import inference_batch_size, select_device
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
@@ -79,9 +79,12 @@ def measure(
         )
     )
     names = stage_names(pretrained, layers)
-    data = prepare_data(
-        medical_data, size, positive=None, progress=progress
+    options = DataOptions(
+        positive=trained.classes[1] if trained and trained.task.name == "binary" else None,
+        val_fraction=0,
+        color="gray",
     )
+    data = prepare_data(medical_data, size, options, progress=progress)
     if split not in data.splits:
         raise MedxferError(f"{medical_data}: no {split!r} split")
     medical = data.pixels[data.splits[split]][:max_images]
