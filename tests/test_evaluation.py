@@ -2,7 +2,6 @@
 
 import itertools
 import math
-import time
 from fractions import Fraction
 
 import numpy as np
@@ -476,15 +475,6 @@ def test_undefined_resamples_are_left_out_and_counted():
 def test_bootstrap_input_errors():
     with pytest.raises(MedxferError, match="3 patient ids for 4 rows"):
         bootstrap_intervals(lambda rows: {}, 4, groups=[1, 2, 3])
-
-
-def test_bootstrap_of_624_rows_is_fast():
-    rng = np.random.default_rng(4)
-    y = rng.integers(0, 2, 624)
-    p = rng.random(624)
-    started = time.perf_counter()
-    binary_intervals(y, p, 0.5, groups=np.arange(624) // 3, resamples=1000)
-    assert time.perf_counter() - started < 2.0
 
 
 # --- paired comparisons ----------------------------------------------------------------------
