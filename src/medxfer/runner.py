@@ -13,11 +13,13 @@ import torch
 
 from medxfer import rundir
 from medxfer.atomic import write_json, write_with
+from medxfer.checkpoint import load_checkpoint_or_none
 from medxfer.config import RunConfig
 from medxfer.data.augment import get_augmentation
 from medxfer.data.cache import default_cache_dir
 from medxfer.data.prepared import PreparedData, prepare_data
 from medxfer.errors import MedxferError
+from medxfer.locking import run_folder_lock
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import create_model, weights_digest
 from medxfer.training.calibration import (
@@ -53,9 +55,21 @@ def train(
 ) -> Path:
     """Train (or resume, or skip if finished) the run described by ``cfg``; return its folder.
 
-    Everything that can fail on bad input is checked before the run folder is touched.
+    Everything that can fail on bad input is checked before the run folder is touched. One
+    process at a time trains into a folder; another one stops with an error naming its pid.
     """
     cfg.validate()
+    with run_folder_lock(cfg.out):
+        return _train_locked(cfg, progress=progress, overwrite=overwrite, log=log)
+
+
+def _train_locked(
+    cfg: RunConfig,
+    *,
+    progress: bool,
+    overwrite: bool,
+    log: Callable[[str], None],
+) -> Path:
     out = Path(cfg.out)
     if rundir.is_complete(out) and not overwrite:
         _check_same(cfg, out)
@@ -85,8 +99,9 @@ def train(
     checkpoint = out / rundir.CHECKPOINT
     if (out / rundir.CONFIG).exists():  # an interrupted run of the same settings: resume it
         _check_same(cfg, out)
-        if checkpoint.exists():
-            state = _load_checkpoint(checkpoint, model)
+        saved = load_checkpoint_or_none(checkpoint)
+        if saved is not None:
+            state = _load_checkpoint(saved, model)
             log(f"{out}: resuming after epoch {state.epoch}")
     elif out.exists() and any(out.iterdir()):
         raise MedxferError(
@@ -377,8 +392,7 @@ def _checkpoint(state: TrainState, model: XrayClassifier) -> dict:
     return {"state": state.__dict__, "model": model.state_dict()}
 
 
-def _load_checkpoint(path: Path, model: XrayClassifier) -> TrainState:
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+def _load_checkpoint(saved: dict, model: XrayClassifier) -> TrainState:
     model.load_state_dict(saved["model"])
     return TrainState(**saved["state"])
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from medxfer.data.cache import decode_dataset
+from medxfer.data.images import MAX_PIXELS
 from medxfer.data.sources import ImageSet, Record, check_two_classes, open_dataset, resolve_positive
 from medxfer.data.splits import assign_splits
 from medxfer.errors import MedxferError
@@ -52,6 +53,7 @@ def prepare_data(
     limit_per_class: int | None = None,
     cache_dir=None,
     progress: bool = True,
+    max_pixels: int = MAX_PIXELS,
 ) -> PreparedData:
     """Open, subset, decode and split a dataset. Raises MedxferError on any bad input."""
     imageset = open_dataset(location, skip_bad=skip_bad)
@@ -59,7 +61,9 @@ def prepare_data(
         imageset = _limit(imageset, limit_per_class)
     positive = resolve_positive(imageset.classes, positive)
     check_two_classes(imageset, "test")
-    decoded = decode_dataset(imageset, size, cache_dir, skip_bad=skip_bad, progress=progress)
+    decoded = decode_dataset(
+        imageset, size, cache_dir, skip_bad=skip_bad, progress=progress, max_pixels=max_pixels
+    )
     skipped = list(imageset.skipped) + list(decoded.errors)
     keep = np.flatnonzero(decoded.ok)
     if len(keep) < len(imageset.records):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medxfer.data.images import is_image_file, load_image
+from medxfer.data.images import MAX_PIXELS, is_image_file, load_image
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
 from medxfer.rundir import saved_resolution
@@ -52,6 +52,8 @@ def predict_files(
     threshold: float | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    *,
+    max_pixels: int = MAX_PIXELS,
 ) -> list[Prediction]:
     """Decode, batch and classify ``files``; an unreadable file gets its error, not a crash."""
     size = saved_resolution(saved)
@@ -64,7 +66,7 @@ def predict_files(
     pixels: list[np.ndarray] = []
     for i, f in enumerate(files):
         try:
-            pixels.append(load_image(f, size))
+            pixels.append(load_image(f, size, max_pixels=max_pixels))
             ok.append(i)
         except MedxferError as exc:
             results[i].error = str(exc).removeprefix(f"{f}: ")
