@@ -8,10 +8,11 @@ import os
 import sys
 import types
 import typing
+import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from medxfer.errors import MedxferError
+from medxfer.errors import MedxferError, MedxferWarning
 
 TRAIN_HELP = {
     "arch": "torchvision classifier name (e.g. resnet18) or timm/NAME",
@@ -52,6 +53,7 @@ TRAIN_HELP = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -65,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and friends
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
+
+
+_python_format_warning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """medxfer's own warnings as one line, like its errors; others as Python prints them."""
+    if issubclass(category, MedxferWarning):
+        return f"medxfer: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data")
     p.add_argument("--patient-regex", default=None)
     p.add_argument("--json", type=Path, help="also write the full report to this file")
+    _add_max_pixels(p)
     p.set_defaults(handler=_audit)
 
     p = sub.add_parser("manifest", help="CSV manifest with labels taken from file names")
@@ -124,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
+    _add_max_pixels(p)
     p.set_defaults(handler=_predict)
 
     p = sub.add_parser("export", help="ONNX or TorchScript with preprocessing inside")
@@ -188,7 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("weights", help="put weight files where torch's hub cache looks")
     p.add_argument("files", nargs="+", type=Path)
     p.set_defaults(handler=_weights)
+
+    _add_cache_commands(sub)
     return parser
+
+
+def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    from medxfer.data.images import MAX_PIXELS
+
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"refuse images with more pixels than this (default: {MAX_PIXELS:,})",
+    )
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -233,7 +260,8 @@ def _train(args: argparse.Namespace) -> int:
     metrics = folder.read_metrics()
     test = metrics["test"]
     shown = " ".join(
-        f"{k} {test[k]:.4f}" for k in HEADLINE[metrics.get("task", "binary")]
+        f"{k} {test[k]:.4f}"
+        for k in HEADLINE[metrics.get("task", "binary")]
         if test.get(k) is not None
     )
     print(f"{folder.path}: test {shown}")
@@ -263,7 +291,9 @@ def _audit(args: argparse.Namespace) -> int:
     from medxfer.data.audit import audit, format_audit
     from medxfer.data.splits import KERMANY_PATIENT_REGEX
 
-    report = audit(args.data, args.patient_regex or KERMANY_PATIENT_REGEX)
+    report = audit(
+        args.data, args.patient_regex or KERMANY_PATIENT_REGEX, max_pixels=args.max_pixels
+    )
     if args.json:
         write_json(args.json, report)
     print(format_audit(report))
@@ -317,7 +347,13 @@ def _predict(args: argparse.Namespace) -> int:
     model = TrainedModel.load(args.run)
     files = expand_inputs(args.inputs)
     model.to(select_device(args.device))
-    rows = predict_files(model, files, threshold=args.threshold, batch_size=args.batch_size)
+    rows = predict_files(
+        model,
+        files,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        max_pixels=args.max_pixels,
+    )
     if args.out and args.out.suffix.lower() == ".json":
         write_json(args.out, rows.astype(object).where(rows.notna(), None).to_dict("records"))
     elif args.out:
@@ -426,6 +462,54 @@ def _weights(args: argparse.Namespace) -> int:
     for path in args.files:
         print(f"{path} -> {install_weights(path)}")
     return 0
+
+
+# ``medxfer cache``: what the caches of decoded images and features hold, and emptying them.
+
+
+def _add_cache_commands(sub) -> None:
+    p = sub.add_parser("cache", help="size of the image and feature caches, or clear them")
+    cache = p.add_subparsers(dest="cache_command", required=True)
+    for name in ("info", "clear"):
+        q = cache.add_parser(
+            name, help="entries and size per kind" if name == "info" else "delete entries"
+        )
+        q.add_argument("--cache-dir", type=Path, help="default: $MEDXFER_CACHE or ~/.cache/medxfer")
+        if name == "clear":
+            q.add_argument("--images", action="store_true", help="only the decoded images")
+            q.add_argument("--features", action="store_true", help="only the features")
+        q.set_defaults(handler=_cache_info if name == "info" else _cache_clear)
+
+
+def _cache_info(args: argparse.Namespace) -> int:
+    from medxfer.cache import cache_info, default_cache_dir
+
+    root = args.cache_dir or default_cache_dir()
+    print(f"cache {root}")
+    for kind, info in cache_info(root).items():
+        print(
+            f"{kind:<10}{info['entries']:>8} entries {_size(info['bytes']):>10}  {info['folder']}"
+        )
+    return 0
+
+
+def _cache_clear(args: argparse.Namespace) -> int:
+    from medxfer.cache import KINDS, clear_cache, default_cache_dir
+
+    root = args.cache_dir or default_cache_dir()
+    chosen = tuple(k for k in KINDS if getattr(args, k)) or KINDS
+    freed = clear_cache(root, chosen)
+    print(f"cleared {', '.join(chosen)} in {root}: {_size(freed)} freed")
+    return 0
+
+
+def _size(n: float) -> str:
+    """Bytes in decimal units, as ``du --si`` shows them."""
+    units = ("B", "KB", "MB", "GB", "TB")
+    step = 0
+    while n >= 1000 and step < len(units) - 1:
+        n, step = n / 1000, step + 1
+    return f"{n:.0f} B" if step == 0 else f"{n:.1f} {units[step]}"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from medxfer.data.options import KERMANY_PATIENT_REGEX
+from medxfer.data.options import KERMANY_PATIENT_REGEX, MAX_PIXELS
 from medxfer.errors import MedxferError
 from medxfer.models.spec import DEFAULT_TAG, ModelSpec, default_image_size
 
@@ -59,6 +59,7 @@ class RunConfig:
     bootstrap: int = 1000
     limit_per_class: int | None = None  # use at most this many images per class and split
     cache_dir: str | None = None
+    max_pixels: int = MAX_PIXELS  # larger images are unreadable inputs (decompression bombs)
 
     # Fields that do not change what a run computes; a run may resume under other values.
     RESUMABLE_DIFFERENCES = ("out", "device", "cache_dir", "eval_batch_size")
@@ -127,6 +128,7 @@ class RunConfig:
             (self.views >= 1, "--views must be at least 1"),
             (self.resolution >= 32, "--image-size must be at least 32"),
             (self.bootstrap >= 0, "--bootstrap must be 0 or more"),
+            (self.max_pixels >= 1, "--max-pixels must be positive"),
             (
                 self.task != "multiclass" or self.threshold is None,
                 "--threshold: a multi-class task decides by the most probable class; "

@@ -9,14 +9,16 @@ from pathlib import Path
 from PIL import Image
 
 from medxfer.data.cache import content_hashes
-from medxfer.data.images import DICOM_SUFFIXES, read_gray
+from medxfer.data.images import DICOM_SUFFIXES, MAX_PIXELS, read_gray
 from medxfer.data.options import KERMANY_PATIENT_REGEX
 from medxfer.data.sources import ImageSet, Record, open_dataset
 from medxfer.data.tasks import infer_task
 from medxfer.errors import MedxferError
 
 
-def audit(location: str, patient_regex: str = KERMANY_PATIENT_REGEX) -> dict:
+def audit(
+    location: str, patient_regex: str = KERMANY_PATIENT_REGEX, *, max_pixels: int = MAX_PIXELS
+) -> dict:
     """Task, label counts, sizes/modes, unreadable files, duplicates and patient overlap of a
     dataset (and the label co-occurrence matrix of a multi-label one)."""
     imageset = open_dataset(location, skip_bad=True, patient_regex=patient_regex)
@@ -28,7 +30,7 @@ def audit(location: str, patient_regex: str = KERMANY_PATIENT_REGEX) -> dict:
 
     with ThreadPoolExecutor() as pool:
         headers = list(pool.map(lambda r: _header(imageset, r.source), records))
-        problems = list(pool.map(lambda r: _problem(imageset, r.source), records))
+        problems = list(pool.map(lambda r: _problem(imageset, r.source, max_pixels), records))
     sizes = Counter(h[0] for h in headers if h)
     modes = Counter(h[1] for h in headers if h)
     unreadable = [
@@ -148,11 +150,11 @@ def _header(imageset: ImageSet, source: str) -> tuple[tuple[int, int], str] | No
         return None
 
 
-def _problem(imageset: ImageSet, source: str) -> str | None:
+def _problem(imageset: ImageSet, source: str, max_pixels: int) -> str | None:
     if imageset.kind == "npz":
         return None
     try:
-        read_gray(source)
+        read_gray(source, max_pixels=max_pixels)
     except MedxferError as exc:
         return str(exc).removeprefix(f"{source}: ")
     return None

@@ -1,7 +1,9 @@
 """Decode every image of a dataset once, at the working resolution, and keep it on disk.
 
-The cache entry is keyed by the bytes of the images (not their paths), the resolution and the
-colour mode, so a renamed or copied dataset hits the cache and an edited image misses it.
+The cache entry (``medxfer.cache.ArrayCache``, kind ``images``) is keyed by the bytes of the images
+(not their paths), the resolution, the colour mode and the pixel limit, so a renamed or copied
+dataset hits the cache and an edited image misses it. Which images failed, and why, is stored with
+the pixels.
 """
 
 from __future__ import annotations
@@ -16,17 +18,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from medxfer.atomic import write_json, write_with
-from medxfer.data.images import as_color, load_image, resize_square, to_model_layout
+from medxfer.cache import ArrayCache, default_cache_dir
+from medxfer.data.images import MAX_PIXELS, as_color, load_image, resize_square, to_model_layout
 from medxfer.data.sources import ImageSet
 from medxfer.errors import MedxferError
 
 DECODER_VERSION = 1
 
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("MEDXFER_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "medxfer"
+__all__ = ["Decoded", "content_hashes", "decode_dataset", "default_cache_dir", "npz_image"]
 
 
 @dataclass
@@ -58,32 +57,37 @@ def decode_dataset(
     progress: bool = True,
     *,
     color: str = "gray",
+    max_pixels: int = MAX_PIXELS,
 ) -> Decoded:
     """Decoded pixels for ``imageset`` at ``size`` px in ``color`` (gray/rgb), cached."""
     hashes = content_hashes(imageset)
-    parts = [DECODER_VERSION, size, hashes] + ([color] if color != "gray" else [])
-    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
-    folder = Path(cache_dir or default_cache_dir()) / "images"
-    pixels_file, meta_file = folder / f"{key}.npy", folder / f"{key}.json"
-    if pixels_file.exists() and meta_file.exists():
-        meta = json.loads(meta_file.read_text())
-        errors = [tuple(e) for e in meta["errors"]]
+    identity = [DECODER_VERSION, size, hashes] + ([color] if color != "gray" else [])
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
+    cache = ArrayCache(cache_dir or default_cache_dir(), "images")
+    parts = {"decoder": DECODER_VERSION, "size": size, "content": key, "max_pixels": max_pixels}
+    if color != "gray":
+        parts["color"] = color
+    entry = cache.load(parts)
+    if entry is not None:
+        errors = [tuple(e) for e in entry.meta["errors"]]
         if errors and not skip_bad:
             source, reason = errors[0]
             raise MedxferError(f"{source}: {reason}")
-        return Decoded(np.load(pixels_file), np.array(meta["ok"], dtype=bool), errors, key, hashes)
+        ok = np.array(entry.meta["ok"], dtype=bool)
+        return Decoded(entry.array, ok, errors, key, hashes)
 
-    decoded = _decode_all(imageset, size, progress, color)
+    decoded = _decode_all(imageset, size, progress, color=color, max_pixels=max_pixels)
     if decoded.errors and not skip_bad:
         source, reason = decoded.errors[0]
         raise MedxferError(f"{source}: {reason} (use --skip-bad to leave such images out)")
     decoded.key, decoded.hashes = key, hashes
-    write_with(pixels_file, lambda tmp: _save_npy(tmp, decoded.pixels))
-    write_json(meta_file, {"ok": decoded.ok.tolist(), "errors": decoded.errors, "size": size})
+    cache.save(parts, decoded.pixels, {"ok": decoded.ok.tolist(), "errors": decoded.errors})
     return decoded
 
 
-def _decode_all(imageset: ImageSet, size: int, progress: bool, color: str) -> Decoded:
+def _decode_all(
+    imageset: ImageSet, size: int, progress: bool, *, color: str, max_pixels: int
+) -> Decoded:
     n = len(imageset.records)
     pixels = np.zeros((n, *((3,) if color == "rgb" else ()), size, size), dtype=np.uint8)
     ok = np.ones(n, dtype=bool)
@@ -96,7 +100,7 @@ def _decode_all(imageset: ImageSet, size: int, progress: bool, color: str) -> De
                 image = as_color(npz_image(imageset, record.source), color)
                 pixels[i] = to_model_layout(resize_square(image, size))
             else:
-                pixels[i] = load_image(record.source, size, color)
+                pixels[i] = load_image(record.source, size, color, max_pixels=max_pixels)
         except MedxferError as exc:
             ok[i] = False
             reason = str(exc).removeprefix(f"{record.source}: ")
@@ -114,11 +118,6 @@ def _decode_all(imageset: ImageSet, size: int, progress: bool, color: str) -> De
         )
     errors.sort()
     return Decoded(pixels, ok, errors, "", [])
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:
-        np.save(fh, array)
 
 
 def npz_image(imageset: ImageSet, source: str) -> np.ndarray:

@@ -1,13 +1,26 @@
-"""Decode one medical image file (JPEG, PNG 8/16-bit, DICOM) to gray or RGB uint8."""
+"""Decode one medical image file (JPEG, PNG 8/16-bit, DICOM) to gray or RGB uint8.
+
+Images with more than ``max_pixels`` pixels are refused from their header, before any pixel is
+decoded: a 48 KB PNG may declare 20000 x 20000 pixels (a decompression bomb) and would need
+gigabytes. The default, 50 megapixels, is twice the largest digital mammograms (about
+4700 x 5900) and many times a chest X-ray (about 3000 x 3000); it keeps one 16-bit image's
+float64 working copy under 400 MB, while decoding runs on several threads at once.
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from medxfer.data.options import MAX_PIXELS
 from medxfer.errors import MedxferError
+
+# Our header check against ``max_pixels`` decides; PIL's warning (above 89 MP) would only repeat
+# it. PIL's own refusal (DecompressionBombError, above 179 MP) still applies and is reported.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 RASTER_SUFFIXES = {".jpg", ".jpeg", ".png"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
@@ -18,17 +31,19 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def read_gray(path: str | Path) -> np.ndarray:
+def read_gray(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Return the image at ``path`` as a 2-D uint8 array at its native size.
 
     Colour images are converted to luminance; 16-bit and DICOM images are scaled to 0..255 by
     their own range after DICOM modality and VOI LUT (windowing); MONOCHROME1 is inverted so
-    that bone is bright as in MONOCHROME2.
+    that bone is bright as in MONOCHROME2. More than ``max_pixels`` pixels is an error.
     """
-    return read_image(path, "gray")
+    return read_image(path, "gray", max_pixels=max_pixels)
 
 
-def read_image(path: str | Path, color: str = "gray") -> np.ndarray:
+def read_image(
+    path: str | Path, color: str = "gray", *, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
     """The image at ``path`` at its native size: ``(H, W)`` for ``gray``, ``(H, W, 3)`` for ``rgb``.
 
     ``rgb`` keeps colour images as they are and replicates gray ones into three channels.
@@ -36,12 +51,14 @@ def read_image(path: str | Path, color: str = "gray") -> np.ndarray:
     path = Path(path)
     try:
         if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
-            return as_color(_read_dicom(path), color)
-        return _read_raster(path, color)
+            return as_color(_read_dicom(path, max_pixels), color)
+        return _read_raster(path, color, max_pixels)
     except MedxferError:
         raise
     except FileNotFoundError:
         raise MedxferError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise MedxferError(f"{path}: unreadable image (decompression bomb: {exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise MedxferError(f"{path}: unreadable image ({exc})") from None
 
@@ -69,14 +86,26 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(path: str | Path, size: int, color: str = "gray") -> np.ndarray:
+def load_image(
+    path: str | Path, size: int, color: str = "gray", *, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
     """Decoded and resized: ``(S, S)`` for ``gray``, channels first ``(3, S, S)`` for ``rgb``."""
-    return to_model_layout(resize_square(read_image(path, color), size))
+    return to_model_layout(resize_square(read_image(path, color, max_pixels=max_pixels), size))
 
 
 def to_model_layout(image: np.ndarray) -> np.ndarray:
     """``(H, W, 3)`` -> ``(3, H, W)``; gray ``(H, W)`` stays as it is."""
     return np.ascontiguousarray(image.transpose(2, 0, 1)) if image.ndim == 3 else image
+
+
+def check_pixels(path: Path, dims: tuple[int, ...], max_pixels: int) -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` pixels."""
+    count = int(np.prod(dims, dtype=np.int64))
+    if count > max_pixels:
+        shape = " x ".join(str(d) for d in dims)
+        raise MedxferError(
+            f"{path}: unreadable image (too many pixels: {shape} = {count:,}, limit {max_pixels:,})"
+        )
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -87,15 +116,16 @@ def _has_dicom_preamble(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _read_raster(path: Path, color: str) -> np.ndarray:
-    with Image.open(path) as img:
+def _read_raster(path: Path, color: str, max_pixels: int) -> np.ndarray:
+    with Image.open(path) as img:  # reads the header only
+        check_pixels(path, img.size, max_pixels)
         img.load()  # raises OSError on truncated files
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             return as_color(to_uint8(np.asarray(img, dtype=np.float64)), color)
         return np.asarray(img.convert("L" if color == "gray" else "RGB"), dtype=np.uint8)
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -106,6 +136,9 @@ def _read_dicom(path: Path) -> np.ndarray:
         raise MedxferError(f"{path}: not a valid DICOM file ({exc})") from None
     if "PixelData" not in ds:
         raise MedxferError(f"{path}: DICOM file has no pixel data")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    dims = (int(ds.Columns), int(ds.Rows)) + ((frames,) if frames > 1 else ())
+    check_pixels(path, dims, max_pixels)
     arr = ds.pixel_array
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM

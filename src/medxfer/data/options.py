@@ -11,6 +11,10 @@ from medxfer.errors import MedxferError
 TASKS = ("binary", "multiclass", "multilabel")
 COLORS = ("auto", "gray", "rgb")
 
+# Images declaring more pixels are refused from their header (decompression bombs): twice the
+# largest digital mammograms, many times a chest X-ray (see medxfer.data.images).
+MAX_PIXELS = 50_000_000
+
 # Kermany names: person1234_bacteria_5678.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-1427-0001.jpeg
 KERMANY_PATIENT_REGEX = r"^(person\d+|(?:NORMAL2-)?IM-\d+)"
 
@@ -35,6 +39,7 @@ class DataOptions:
     skip_bad: bool = False
     limit_per_class: int | None = None
     color: str = "auto"
+    max_pixels: int = MAX_PIXELS
 
     def validate(self) -> DataOptions:
         """Refuse impossible combinations with one clear line; return self for chaining."""

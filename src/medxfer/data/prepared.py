@@ -88,7 +88,13 @@ def prepare_data(
     check_labels(imageset, task, classes)
     color = options.color if options.color != "auto" else detect_color(imageset)
     decoded = decode_dataset(
-        imageset, size, cache_dir, options.skip_bad, progress=progress, color=color
+        imageset,
+        size,
+        cache_dir,
+        options.skip_bad,
+        progress=progress,
+        color=color,
+        max_pixels=options.max_pixels,
     )
     keep = np.flatnonzero(decoded.ok)
     if len(keep) < len(imageset.records):

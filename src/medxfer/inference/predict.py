@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medxfer.data.images import is_image_file, load_image
+from medxfer.data.images import MAX_PIXELS, is_image_file, load_image
 from medxfer.errors import MedxferError
 from medxfer.run.trained import TrainedModel
 
@@ -32,13 +32,15 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def load_inputs(model: TrainedModel, files: list[Path]) -> tuple[torch.Tensor, list[str | None]]:
+def load_inputs(
+    model: TrainedModel, files: list[Path], max_pixels: int = MAX_PIXELS
+) -> tuple[torch.Tensor, list[str | None]]:
     """Decoded images of ``files`` in the model's input format, and per file its error (None
     for those that decoded; they are the rows of the tensor, in order)."""
     pixels, errors = [], []
     for f in files:
         try:
-            pixels.append(load_image(f, model.resolution, model.color))
+            pixels.append(load_image(f, model.resolution, model.color, max_pixels=max_pixels))
             errors.append(None)
         except MedxferError as exc:
             errors.append(str(exc).removeprefix(f"{f}: "))
@@ -57,11 +59,12 @@ def predict_files(
     *,
     threshold: float | None = None,
     batch_size: int | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> pd.DataFrame:
     """A row per file: ``file``, the probability of the positive class (binary) or one
     ``probability_NAME`` column per class/label, ``predicted``, and ``error`` for a file that
     could not be read (the others still get their answers)."""
-    pixels, errors = load_inputs(model, files)
+    pixels, errors = load_inputs(model, files, max_pixels)
     prob = model.probabilities(pixels, batch_size)
     cut = None if threshold is None else [float(threshold)] * model.task.outputs
     decided = model.task.names(model.decide(prob, cut)) if len(prob) else []

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from medxfer.checkpoint import load_checkpoint_or_none
 from medxfer.config import RunConfig
 from medxfer.data.augment import get_augmentation
 from medxfer.data.cache import DECODER_VERSION, default_cache_dir
@@ -31,6 +32,7 @@ from medxfer.evaluation.intervals import bootstrap_intervals
 from medxfer.evaluation.metrics import scalar_metrics, task_metrics
 from medxfer.evaluation.thresholds import choose_threshold
 from medxfer.figures import reliability_diagram
+from medxfer.locking import run_folder_lock
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import create_model, weights_digest
 from medxfer.run.folder import RunFolder
@@ -101,6 +103,13 @@ def train(
         log(f"{folder.path}: run already complete")
         return folder
     runtime = validate(cfg, progress)
+    with run_folder_lock(folder.path):  # a second process on this folder stops here
+        return _train_locked(folder, cfg, runtime, overwrite=overwrite, log=log)
+
+
+def _train_locked(
+    folder: RunFolder, cfg: RunConfig, runtime: Runtime, *, overwrite: bool, log: Log
+) -> RunFolder:
     ctx = load_data(cfg, runtime)
     network = build_network(ctx)
     state = resume(folder, ctx, network, overwrite, log)
@@ -142,6 +151,7 @@ def data_options(cfg: RunConfig, *, own_splits: bool = False) -> DataOptions:
         skip_bad=cfg.skip_bad,
         limit_per_class=None if own_splits else cfg.limit_per_class,
         color=cfg.color,
+        max_pixels=cfg.max_pixels,
     )
 
 
@@ -185,9 +195,9 @@ def resume(
         return TrainState()
     folder.check_same(ctx.cfg)
     checkpoint = folder.file(RunFolder.CHECKPOINT)
-    if not checkpoint.exists():
+    saved = load_checkpoint_or_none(checkpoint) if checkpoint.exists() else None
+    if saved is None:  # none, or unreadable (warned): start afresh
         return TrainState()
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     network.load_state_dict(saved["model"])
     state = TrainState(**saved["state"])
     log(f"{folder.path}: resuming after epoch {state.epoch}")

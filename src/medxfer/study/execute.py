@@ -2,13 +2,12 @@
 
 Each cell is an ordinary run folder (``DIR/runs/CELL``), so everything that makes a single run
 safe (atomic files, ``metrics.json`` written last, checkpoints) makes the study safe: after a
-``kill -9`` the same command finishes the study. A lock per cell (``fcntl``, released by the
-kernel when its process dies) keeps two executors off the same cell.
+``kill -9`` the same command finishes the study. A lock per cell (``medxfer.locking``, released by
+the kernel when its process dies) keeps two executors off the same cell.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from medxfer.config import RunConfig
 from medxfer.errors import MedxferError
+from medxfer.locking import LockHeld, exclusive_lock
 from medxfer.run.folder import RunFolder
 from medxfer.study.spec import Cell, Study
 from medxfer.study.table import write_results
@@ -33,15 +33,13 @@ def run_cell(options: dict, out: str, lock_dir: str, threads: int | None = None)
 
     if RunFolder(out).is_complete():
         return "done"
-    Path(lock_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(lock_dir) / f"{Path(out).name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return "locked"
-        if threads:
-            torch.set_num_threads(threads)
-        train(RunConfig(out=out, **options), progress=False, log=lambda _: None)
+    try:
+        with exclusive_lock(Path(lock_dir) / f"{Path(out).name}.lock"):
+            if threads:
+                torch.set_num_threads(threads)
+            train(RunConfig(out=out, **options), progress=False, log=lambda _: None)
+    except LockHeld:  # another executor has this cell (or another process its run folder)
+        return "locked"
     return "trained"
 
 

@@ -6,18 +6,15 @@ and every epoch trains the head on stored features.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from medxfer.atomic import write_json, write_with
+from medxfer.cache import ArrayCache
 from medxfer.data.augment import Augmentation, augment_batch
 from medxfer.device import Runtime, autocast, to_input
 from medxfer.models.classifier import XrayClassifier
@@ -118,26 +115,12 @@ def frozen_norms(model: XrayClassifier) -> list[nn.modules.batchnorm._BatchNorm]
 
 
 class FeatureCache:
-    """Feature arrays on disk, one file per key (a dict of everything that changes them)."""
+    """Feature arrays on disk (``medxfer.cache.ArrayCache``, kind ``features``), one verified
+    entry per key: a dict of everything that changes them."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root) / "features"
-
-    @staticmethod
-    def key(parts: dict) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+        self.cache = ArrayCache(root, "features")
 
     def get(self, parts: dict, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        key = self.key(parts)
-        path = self.root / f"{key}.npy"
-        if path.exists():
-            return torch.from_numpy(np.load(path))
-        features = compute()
-        write_with(path, lambda tmp: _save(tmp, features.numpy()))
-        write_json(self.root / f"{key}.json", parts)
-        return features
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:
-        np.save(fh, array)
+        array = self.cache.get_or_compute(parts, lambda: compute().numpy())
+        return torch.from_numpy(array)
