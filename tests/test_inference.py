@@ -45,6 +45,7 @@ def test_run_records_calibration(trained_run):
     import pandas as pd
 
     rows = pd.read_csv(trained_run / RunFolder.PREDICTIONS)
+    rows = rows[rows.split == "test"]
     y = (rows.label == metrics["positive"]).to_numpy(float)
     prob = rows.probability.to_numpy()
     edges = np.linspace(0, 1, 16)

@@ -16,7 +16,7 @@ def test_paper_architectures_build_with_one_logit(arch):
     with torch.no_grad():
         out = model(torch.rand(2, 1, size, size))
     assert out.shape == (2,)
-    assert isinstance(model.head, nn.Linear) and model.head.out_features == 1
+    assert isinstance(model.head.linear, nn.Linear) and model.head.linear.out_features == 1
 
 
 def test_inception_training_returns_aux_logits():
@@ -28,7 +28,7 @@ def test_inception_training_returns_aux_logits():
 def test_transfer_freezes_backbone_and_keeps_bn_in_eval():
     model = create_model(ModelSpec("mobilenet_v2", mode="transfer"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"head.weight", "head.bias"}
+    assert trainable == {"head.linear.weight", "head.linear.bias"}
     model.train()
     bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and not any(m.training for m in bns)
@@ -78,8 +78,8 @@ def test_timm_model_from_local_weights():
     model = create_model(ModelSpec("timm/tf_efficientnet_lite0", weights=str(LITE0_FILE)))
     assert model.num_features == 1280
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        "head.weight",
-        "head.bias",
+        "head.linear.weight",
+        "head.linear.bias",
     }
     with torch.no_grad():
         assert model.eval()(torch.rand(1, 1, 64, 64)).shape == (1,)

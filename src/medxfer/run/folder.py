@@ -34,6 +34,9 @@ class RunFolder:
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
+    def __str__(self) -> str:
+        return str(self.path)
+
     def __fspath__(self) -> str:
         return str(self.path)
 
