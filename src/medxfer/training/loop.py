@@ -21,6 +21,7 @@ from medxfer.training.features import to_input
 from medxfer.training.metrics import binary_metrics
 
 AUX_LOSS_WEIGHT = 0.4  # Inception v3's auxiliary classifier, as in torchvision's references
+PRECISE_BN_IMAGES = 2048  # training images that re-estimate BatchNorm statistics each epoch
 
 
 class ImageSource:
@@ -157,6 +158,46 @@ def predict_logits(
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
+@torch.no_grad()
+def reestimate_batchnorm(
+    net: nn.Module,
+    source,
+    indices: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> None:
+    """Recompute the running statistics of every BatchNorm layer that trains, as a plain
+    average over batches of (clean) training images: "precise BN" (Wu & Johnson 2021).
+
+    Why: the momentum-0.1 running averages lag a network whose weights move fast. After a few
+    dozen steps from scratch they still carry the initial variance 1 and the first batches, far
+    above the true variance; in eval mode each layer then shrinks its output, the shrinkage
+    compounds over the depth, and the logit comes out the same for every image. Layers kept
+    frozen (eval mode while training) keep their statistics, which
+    ``torch.optim.swa_utils.update_bn`` would reset.
+    """
+    net.train()
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in norms if m.training and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(0))
+    try:
+        for chunk in indices[order[:PRECISE_BN_IMAGES]].split(batch_size):
+            if len(chunk) > 1:  # a single image has no batch statistics
+                with autocast(device, amp):
+                    net(source.eval_inputs(chunk))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+
+
 def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return expit(np.asarray(logits, dtype=np.float64) / temperature)
 
@@ -231,6 +272,7 @@ def fit(
             correct += ((logits.detach() >= 0).long() == target).sum()
             seen += len(chunk)
 
+        reestimate_batchnorm(net, source, train_idx, batch_size=batch_size, device=device, amp=amp)
         row: dict = {
             "epoch": epoch,
             "train_loss": total_loss.item() / seen,
