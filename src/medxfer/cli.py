@@ -160,7 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="+", help="backbone stages to measure (default: all)")
     p.add_argument("--split", default="test", help="split of the medical dataset")
     p.add_argument("--image-size", type=int, help="default: the run's, else the arch's")
-    p.add_argument("--max-images", type=int, help="at most N images per domain")
+    p.add_argument(
+        "--max-images",
+        type=int,
+        help="at most N images per domain: a random sample, the medical one stratified by class",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of that sample (default: 0)")
     p.add_argument("--natural-gray", action="store_true", help="convert photos to gray too")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, type=Path)
@@ -394,6 +399,7 @@ def _similarity(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         max_images=args.max_images,
         natural_gray=args.natural_gray,
+        seed=args.seed,
         device_name=args.device,
         progress=not args.quiet,
     )

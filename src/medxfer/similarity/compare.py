@@ -3,12 +3,15 @@ per stage, before and after fine-tuning (Proposition 4, Conjecture 1 and Proposi
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from medxfer.atomic import write_json, write_with
-from medxfer.data.prepared import DataOptions, prepare_data
+from medxfer.config import RunConfig
+from medxfer.data.prepared import DataOptions, PreparedData, prepare_data
 from medxfer.device import inference_batch_size, select_device
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
@@ -16,6 +19,7 @@ from medxfer.models.factory import ModelSpec, create_model, default_image_size
 from medxfer.similarity.features import (
     gray_batches,
     load_photos,
+    photo_files,
     rgb_batches,
     stage_features,
     stage_names,
@@ -26,6 +30,7 @@ from medxfer.similarity.measures import (
     mean_pairwise_cosine,
     mean_pairwise_euclidean,
 )
+from medxfer.similarity.sampling import METHOD, stratified_sample
 
 
 def domain_measures(natural: torch.Tensor, medical: torch.Tensor) -> dict:
@@ -56,28 +61,29 @@ def measure(
     image_size: int | None = None,
     max_images: int | None = None,
     natural_gray: bool = False,
+    seed: int = 0,
     device_name: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """Compute every measure per stage and write ``similarity.json`` and ``similarity.png``."""
+    """Compute every measure per stage and write ``similarity.json`` and ``similarity.png``.
+
+    ``max_images`` caps each domain by a random sample drawn with ``seed`` (the medical one
+    stratified by class); ``similarity.json`` lists the files used.
+    """
     device = select_device(device_name)
     from medxfer.run.trained import TrainedModel
 
     trained = TrainedModel.load(run) if run else None
-    finetuned = trained.network if trained else None
     cfg = trained.config if trained else None
     arch = arch or (cfg.arch if cfg else None)
     if arch is None:
         raise MedxferError("--arch is required without --run")
     if cfg and cfg.arch != arch:
         raise MedxferError(f"--arch {arch} but run {run} trained {cfg.arch}")
-    normalize = cfg.normalize if cfg else "paper"
+    spec = baseline_spec(cfg, run) if cfg else ModelSpec(arch, mode="transfer")
+    finetuned = trained.network if trained else None
     size = image_size or (cfg.resolution if cfg else default_image_size(arch))
-    pretrained = create_model(
-        ModelSpec(
-            arch, mode="transfer", normalization=normalize, weights=cfg.weights if cfg else None
-        )
-    )
+    pretrained = create_model(spec)
     names = stage_names(pretrained, layers)
     options = DataOptions(
         positive=trained.classes[1] if trained and trained.task.name == "binary" else None,
@@ -87,8 +93,10 @@ def measure(
     data = prepare_data(medical_data, size, options, progress=progress)
     if split not in data.splits:
         raise MedxferError(f"{medical_data}: no {split!r} split")
-    medical = data.pixels[data.splits[split]][:max_images]
-    photos = load_photos(natural_dir, size, gray=natural_gray, limit=max_images)
+    chosen = _medical_sample(data, split, max_images, seed)
+    medical = data.pixels[chosen]
+    natural_files = _natural_sample(natural_dir, max_images, seed)
+    photos = load_photos(natural_files, size, gray=natural_gray)
     if len(medical) < 2 or len(photos) < 2:
         raise MedxferError("need at least 2 images in each domain")
     batch = inference_batch_size(None, device)
@@ -118,13 +126,25 @@ def measure(
         "arch": arch,
         "run": str(run) if run else None,
         "image_size": size,
-        "normalize": normalize,
+        "normalize": spec.normalization,
+        "weights": spec.weights,
+        "weights_tag": spec.weights_tag,
         "natural": str(natural_dir),
         "medical": str(medical_data),
         "split": split,
         "n_natural": len(photos),
         "n_medical": len(medical),
         "natural_gray": natural_gray,
+        "sampling": {
+            "method": METHOD,
+            "seed": seed,
+            "max_images": max_images,
+            "medical_per_class": dict(
+                sorted(Counter(data.records[i].label for i in chosen.tolist()).items())
+            ),
+            "medical_files": [data.records[i].source for i in chosen.tolist()],
+            "natural_files": [str(f) for f in natural_files],
+        },
         "stages": stages,
     }
     if post:
@@ -143,6 +163,28 @@ def measure(
     write_json(out / "similarity.json", result)
     write_with(out / "similarity.png", lambda tmp: _plot(result, tmp))
     return result
+
+
+def baseline_spec(cfg: RunConfig, run: Path) -> ModelSpec:
+    """The run's own pretrained backbone before training: its spec (architecture,
+    normalisation, weights file or tag) in transfer mode. Scratch runs have none."""
+    if not cfg.model_spec.pretrained:
+        raise MedxferError(
+            f"run {run} was trained from scratch: it has no pretrained backbone to compare against"
+        )
+    return replace(cfg.model_spec, mode="transfer")
+
+
+def _medical_sample(data: PreparedData, split: str, n: int | None, seed: int) -> torch.Tensor:
+    """Record indices of a class-stratified random sample of ``split``."""
+    in_split = data.splits[split]
+    classes = [data.records[i].label for i in in_split.tolist()]
+    return in_split[torch.from_numpy(stratified_sample(classes, n, seed))]
+
+
+def _natural_sample(folder: str, n: int | None, seed: int) -> list[Path]:
+    files = photo_files(folder)
+    return [files[i] for i in stratified_sample([""] * len(files), n, seed)]
 
 
 def _plot(result: dict, path: Path) -> None:

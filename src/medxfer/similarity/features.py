@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from medxfer.data.images import RASTER_SUFFIXES
+from medxfer.device import to_input
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.stages import backbone_stages
@@ -19,17 +20,19 @@ from medxfer.models.stages import backbone_stages
 POOLED = "pooled"  # the backbone's final feature vector, the head's input
 
 
-def load_photos(
-    folder: str | Path, size: int, gray: bool = False, limit: int | None = None
-) -> torch.Tensor:
-    """Photos of a folder as uint8 (N, 3, size, size): shorter side resized, centre crop."""
+def photo_files(folder: str | Path) -> list[Path]:
+    """The JPEG and PNG files of a folder of natural photos, sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MedxferError(f"{folder}: natural-image folder not found")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in RASTER_SUFFIXES)
     if not files:
         raise MedxferError(f"{folder}: no JPEG or PNG photos")
-    files = files[:limit] if limit else files
+    return files
+
+
+def load_photos(files: list[Path], size: int, gray: bool = False) -> torch.Tensor:
+    """Photos as uint8 (N, 3, size, size): shorter side resized, centre crop."""
     out = np.zeros((len(files), 3, size, size), dtype=np.uint8)
     for i, path in enumerate(files):
         try:
@@ -67,14 +70,17 @@ def stage_features(
     device: torch.device,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Run normalised RGB batches through the backbone; pooled output of each named stage."""
+    """Run normalised RGB batches through the backbone; pooled output of each named stage.
+
+    The features stay on ``device``: the distances are computed there (see ``measures``).
+    """
     modules = dict(backbone_stages(model.backbone))
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
 
     def hook(name):
         def keep(_module, _inputs, output):
             out = output[0] if isinstance(output, tuple) else output
-            captured[name].append((out.mean(dim=(2, 3)) if out.ndim == 4 else out).float().cpu())
+            captured[name].append((out.mean(dim=(2, 3)) if out.ndim == 4 else out).float())
 
         return keep
 
@@ -86,7 +92,7 @@ def stage_features(
         ):
             pooled = model.backbone(batch.to(device))
             if POOLED in captured:
-                captured[POOLED].append(pooled.float().cpu())
+                captured[POOLED].append(pooled.float())
     finally:
         for handle in handles:
             handle.remove()
@@ -94,13 +100,20 @@ def stage_features(
 
 
 def rgb_batches(model: XrayClassifier, images: torch.Tensor, batch: int):
-    """uint8 (N, 3, S, S) photos -> batches normalised like the model's own input."""
-    mean, std = model.prep.mean.cpu().view(1, 3, 1, 1), model.prep.std.cpu().view(1, 3, 1, 1)
+    """uint8 (N, 3, S, S) photos -> batches normalised like the model's own input.
+
+    Each batch is made on the device the model lives on when the batch is drawn (these are
+    generators: ``stage_features`` moves the model first), so CPU images never meet a model
+    on the GPU.
+    """
     for chunk in images.split(batch):
-        yield ((chunk.float() / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
+        mean, std = model.prep.mean.view(1, 3, 1, 1), model.prep.std.view(1, 3, 1, 1)
+        x = chunk.to(mean.device, non_blocking=True).float() / 255.0
+        yield ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def gray_batches(model: XrayClassifier, pixels: torch.Tensor, batch: int):
-    """uint8 (N, S, S) gray images -> batches through the model's gray-to-RGB ``prep``."""
+    """uint8 (N, S, S) gray images -> batches through the model's gray-to-RGB ``prep``, on the
+    model's device (see ``rgb_batches``)."""
     for chunk in pixels.split(batch):
-        yield model.prep(chunk.unsqueeze(1).float() / 255.0)
+        yield model.prep(to_input(chunk, model.prep.mean.device))

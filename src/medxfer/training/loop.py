@@ -20,6 +20,7 @@ from medxfer.models.classifier import HeadOnly
 from medxfer.tasks import Task
 
 AUX_LOSS_WEIGHT = 0.4  # Inception v3's auxiliary classifier, as in torchvision's references
+PRECISE_BN_IMAGES = 2048  # training images that re-estimate BatchNorm statistics each epoch
 
 
 class ImageSource:
@@ -128,6 +129,46 @@ def predict_logits(net: nn.Module, source, indices: torch.Tensor) -> np.ndarray:
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
+@torch.no_grad()
+def reestimate_batchnorm(
+    net: nn.Module,
+    source,
+    indices: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> None:
+    """Recompute the running statistics of every BatchNorm layer that trains, as a plain
+    average over batches of (clean) training images: "precise BN" (Wu & Johnson 2021).
+
+    Why: the momentum-0.1 running averages lag a network whose weights move fast. After a few
+    dozen steps from scratch they still carry the initial variance 1 and the first batches, far
+    above the true variance; in eval mode each layer then shrinks its output, the shrinkage
+    compounds over the depth, and the logit comes out the same for every image. Layers kept
+    frozen (eval mode while training) keep their statistics, which
+    ``torch.optim.swa_utils.update_bn`` would reset.
+    """
+    net.train()
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in norms if m.training and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(0))
+    try:
+        for chunk in indices[order[:PRECISE_BN_IMAGES]].split(batch_size):
+            if len(chunk) > 1:  # a single image has no batch statistics
+                with autocast(device, amp):
+                    net(source.eval_inputs(chunk))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+
+
 @dataclass
 class Schedule:
     """How to train: the optimiser and the loop's settings (one run's, from its config)."""
@@ -206,6 +247,9 @@ def fit(
                 ) * torch.tensor([len(chunk), len(chunk), 1.0], device=device, dtype=torch.float64)
             seen += len(chunk)
 
+        reestimate_batchnorm(
+            net, source, train_idx, batch_size=schedule.batch_size, device=device, amp=schedule.amp
+        )
         objective_sum, loss_sum, correct = sums.tolist()
         row: dict = {
             "epoch": epoch,
