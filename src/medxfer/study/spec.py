@@ -13,7 +13,7 @@ from medxfer.config import RunConfig
 from medxfer.errors import MedxferError
 from medxfer.models.factory import ModelSpec
 from medxfer.models.weights import torchvision_weights
-from medxfer.study.table import EXPERIMENT
+from medxfer.study.table import COLUMN_OF, EXPERIMENT
 
 
 @dataclass
@@ -79,6 +79,7 @@ def load_study(
     for key in [*base, *grid, *compare]:
         if key not in known:
             raise MedxferError(f"{source}: {key!r} is not a run option")
+    compare = [COLUMN_OF.get(key, key) for key in compare]
     for key in compare:
         if key not in EXPERIMENT:
             raise MedxferError(

@@ -5,7 +5,8 @@ An *experiment* is everything that defines what a run computes: every run option
 files go (``out``, ``cache_dir``), how fast it runs (``device``, ``eval_batch_size``), how many
 bootstrap resamples its intervals use (``bootstrap``), and the replicate it is (``seed``,
 ``fold``). ``data`` and ``weights`` are part of the experiment: another dataset or another
-weights file is another experiment. Runs that share an experiment are replicates and are
+weights file is another experiment; so is the threshold *rule*, not the value each replicate
+chose with it. Runs that share an experiment are replicates and are
 averaged; runs that differ in any other option are never averaged together.
 """
 
@@ -27,7 +28,12 @@ TABLE = "results"
 SUMMARY = "summary"
 REPLICATES = ("seed", "fold")
 NOT_EXPERIMENT = ("out", "cache_dir", "device", "eval_batch_size", "bootstrap", *REPLICATES)
-EXPERIMENT = tuple(f.name for f in fields(RunConfig) if f.name not in NOT_EXPERIMENT)
+# Column of each option in the results: ``threshold`` holds the chosen value there, its rule
+# (what the experiment set) is ``threshold_rule``.
+COLUMN_OF = {"threshold": "threshold_rule"}
+EXPERIMENT = tuple(
+    COLUMN_OF.get(f.name, f.name) for f in fields(RunConfig) if f.name not in NOT_EXPERIMENT
+)
 
 
 def collect(out: Path) -> pd.DataFrame:
@@ -97,8 +103,6 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
         row = {k: first.get(k) for k in EXPERIMENT}
         row.update(
             task=first.task,
-            image_size=first.image_size,
-            threshold_rule=first.threshold_rule,
             replicates=len(runs),
             seeds=" ".join(sorted({_text(v) for v in runs.seed})),
             folds=" ".join(sorted({_text(v) for v in runs.fold})),
