@@ -233,7 +233,8 @@ def _train(args: argparse.Namespace) -> int:
     metrics = folder.read_metrics()
     test = metrics["test"]
     shown = " ".join(
-        f"{k} {test[k]:.4f}" for k in HEADLINE[metrics.get("task", "binary")]
+        f"{k} {test[k]:.4f}"
+        for k in HEADLINE[metrics.get("task", "binary")]
         if test.get(k) is not None
     )
     print(f"{folder.path}: test {shown}")

@@ -164,7 +164,7 @@ def _comparisons_table(pairs: pd.DataFrame, cells: set[str]) -> str:
     replicates, else the one replicate's rows; a refused pair shows its note."""
     if pairs.empty:
         return ""
-    pairs = pairs.assign(shared=pairs.shared.fillna(""), a=pairs.a.astype(str))
+    pairs = pairs.assign(shared=pairs.shared.astype("string").fillna(""), a=pairs.a.astype(str))
     pairs = pairs.assign(b=pairs.b.astype(str))
     first_a = pairs.cell_a.fillna("").astype(str).str.split().str[0]
     chosen = pairs[first_a.isin(cells)]
