@@ -93,7 +93,14 @@ def test_study_runs_skips_finished_and_reports(small_kermany, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "## Table 2: learning rate 0.001" in report and "## Table 3" in report
     assert "(90.9, " in report  # the paper's MobileNet v2 transfer accuracy beside ours
-    assert report.count("**") >= 2 * 6  # a bold winner in every column of each pair
+    # each learning rate's table has both modes of mobilenet_v2 and its paired comparison
+    assert report.count("| mobilenet_v2 | Transfer learning | 1 | ") == 2
+    for lr in ("0.001", "0.0001"):
+        given = f"| Transfer learning − Scratch | arch=mobilenet_v2, lr={lr} | seed=0 | "
+        assert report.count(given) == 9
+    assert report.count("roc_auc (primary)") == 2 and "| DeLong |" in report
+    comparisons = pd.read_csv(out / "comparisons.csv")
+    assert len(comparisons) == 2 * 9 and set(comparisons.option) == {"mode"}
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "<table>" in html
 

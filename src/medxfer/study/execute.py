@@ -19,6 +19,7 @@ from medxfer.config import RunConfig
 from medxfer.errors import MedxferError
 from medxfer.locking import LockHeld, exclusive_lock
 from medxfer.run.folder import RunFolder
+from medxfer.study.compare import save_settings, write_comparisons
 from medxfer.study.spec import Cell, Study
 from medxfer.study.table import write_results
 
@@ -59,6 +60,7 @@ def run_study(
     for name in study.skipped:
         log(f"skip {name}: ImageNet weights not available here")
     out.mkdir(parents=True, exist_ok=True)
+    save_settings(out, name=study.name, compare=study.compare)
     jobs = [(cell, _absolute(cell), str(out / "runs" / cell.name)) for cell in cells]
     lock_dir = str(out / "locks")
     log(
@@ -73,7 +75,11 @@ def run_study(
     else:
         raise MedxferError(f"--executor {executor!r}: choose {' or '.join(EXECUTORS)}")
     path = write_results(out, study)
-    log(f"study {study.name}: finished in {time.perf_counter() - started:.0f} s; table {path}")
+    pairs = write_comparisons(out, study.compare)
+    log(
+        f"study {study.name}: finished in {time.perf_counter() - started:.0f} s; "
+        f"tables {path}, {pairs}"
+    )
     return path
 
 

@@ -13,6 +13,7 @@ from medxfer.config import RunConfig
 from medxfer.errors import MedxferError
 from medxfer.models.factory import ModelSpec
 from medxfer.models.weights import torchvision_weights
+from medxfer.study.table import COLUMN_OF, EXPERIMENT
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Study:
     skip_unavailable_weights: bool = False
     source: str = ""
     skipped: list[str] = field(default_factory=list)
+    compare: list[str] = field(default_factory=list)  # options compared besides ``mode``
 
     def cells(self) -> list[Cell]:
         """Every combination of the grid over ``base``, in grid order."""
@@ -71,9 +73,19 @@ def load_study(
         key, _, values = item.partition("=")
         grid[key.strip().replace("-", "_")] = [_parse_value(v.strip()) for v in values.split(",")]
     known = {f.name for f in fields(RunConfig)} - {"out"}
-    for key in [*base, *grid]:
+    compare = meta.get("compare", [])
+    if not isinstance(compare, list):
+        raise MedxferError(f"{source}: study.compare must be a list of run options")
+    for key in [*base, *grid, *compare]:
         if key not in known:
             raise MedxferError(f"{source}: {key!r} is not a run option")
+    compare = [COLUMN_OF.get(key, key) for key in compare]
+    for key in compare:
+        if key not in EXPERIMENT:
+            raise MedxferError(
+                f"{source}: study.compare {key!r}: not an option that defines an experiment"
+                " (seeds and folds are replicates; paths and devices change nothing)"
+            )
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise MedxferError(f"{source}: grid.{key} must be a non-empty list")
@@ -86,6 +98,7 @@ def load_study(
         grid,
         bool(meta.get("skip_unavailable_weights", False)),
         source,
+        compare=list(compare),
     )
     for cell in study.cells():  # validate every cell before anything runs
         RunConfig(out="-", **cell.options).validate()

@@ -1,51 +1,128 @@
-"""One results table for a study: a row per finished run, CSV and Parquet."""
+"""A study's tables: ``results.csv`` (a row per finished run) and ``summary.csv`` (a row per
+experiment: mean ± sd over its seeds and folds, with how many there were).
+
+An *experiment* is everything that defines what a run computes: every run option except where
+files go (``out``, ``cache_dir``), how fast it runs (``device``, ``eval_batch_size``), how many
+bootstrap resamples its intervals use (``bootstrap``), and the replicate it is (``seed``,
+``fold``). ``data`` and ``weights`` are part of the experiment: another dataset or another
+weights file is another experiment; so is the threshold *rule*, not the value each replicate
+chose with it. Runs that share an experiment are replicates and are
+averaged; runs that differ in any other option are never averaged together.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from medxfer.atomic import write_with
-from medxfer.evaluation.metrics import SCALAR_METRICS
+from medxfer.config import RunConfig
+from medxfer.evaluation.metrics import HEADLINE, scalar_metrics
 from medxfer.run.folder import RunFolder
 
 TABLE = "results"
+SUMMARY = "summary"
+REPLICATES = ("seed", "fold")
+NOT_EXPERIMENT = ("out", "cache_dir", "device", "eval_batch_size", "bootstrap", *REPLICATES)
+# Column of each option in the results: ``threshold`` holds the chosen value there, its rule
+# (what the experiment set) is ``threshold_rule``.
+COLUMN_OF = {"threshold": "threshold_rule"}
+EXPERIMENT = tuple(
+    COLUMN_OF.get(f.name, f.name) for f in fields(RunConfig) if f.name not in NOT_EXPERIMENT
+)
 
 
 def collect(out: Path) -> pd.DataFrame:
-    """A row per complete run under ``out/runs``: its options, test metrics with 95% intervals,
-    selected epoch, wall time and device. Unfinished runs are not counted."""
+    """A row per complete run under ``out/runs``: its options, task, threshold rule and chosen
+    value, every test metric with its 95% interval, selected epoch, wall time and device.
+    Unfinished runs are not counted."""
+    rows = [_row(RunFolder(run)) for run in sorted((Path(out) / "runs").glob("*"))]
+    return pd.DataFrame([r for r in rows if r is not None])
+
+
+def _row(folder: RunFolder) -> dict[str, Any] | None:
+    if not folder.is_complete():
+        return None
+    metrics = folder.read_metrics()
+    task = metrics.get("task", "binary")
+    row = {"cell": folder.path.name, **folder.read_config().to_dict(), "task": task}
+    row["image_size"] = folder.read_resolved()["image_size"]
+    test = metrics["test"]
+    for key in scalar_metrics(task):
+        row[key] = test.get(key)
+        interval = (test.get("ci95") or {}).get(key)
+        row[f"{key}_ci_low"], row[f"{key}_ci_high"] = interval or (None, None)
+    thresholds = metrics.get("thresholds")
+    row.update(
+        {
+            "threshold_rule": metrics.get("threshold_rule"),
+            "threshold": (
+                "|".join(f"{t:g}" for t in thresholds)
+                if task == "multilabel" and thresholds
+                else metrics.get("threshold")
+            ),
+            "selected_epoch": metrics["selected_epoch"],
+            "seconds": metrics["seconds"]["total"],
+            "device": metrics["device"],
+            "torch": folder.read_environment().get("torch"),
+        }
+    )
+    return row
+
+
+def experiment_of(row: pd.Series | dict) -> tuple[str, ...]:
+    """The experiment a run belongs to, as comparable text (None and NaN alike)."""
+    return tuple(_text(row.get(k)) for k in EXPERIMENT)
+
+
+def varying(frame: pd.DataFrame) -> list[str]:
+    """The experiment options that take more than one value in ``frame``."""
+    return [k for k in EXPERIMENT if k in frame.columns and frame[k].map(_text).nunique() > 1]
+
+
+def label(row: pd.Series | dict, keys: list[str]) -> str:
+    """``key=value`` of ``keys`` for one run: what tells its experiment apart in this study."""
+    return ", ".join(f"{k}={_text(row.get(k))}" for k in keys)
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """A row per experiment, in the order runs were found: its options, ``replicates`` (runs
+    averaged) with the seeds and folds they were, and ``METRIC_mean``, ``METRIC_sd`` (sample
+    sd; empty with one replicate) of every headline metric of its task."""
+    if frame.empty:
+        return pd.DataFrame()
+    keys = frame.apply(experiment_of, axis=1)
     rows = []
-    for run in sorted((Path(out) / "runs").glob("*")):
-        folder = RunFolder(run)
-        if not folder.is_complete():
-            continue
-        metrics = folder.read_metrics()
-        row = {"cell": run.name, **folder.read_config().to_dict()}
-        row["image_size"] = folder.read_resolved()["image_size"]
-        test = metrics["test"]
-        for key in SCALAR_METRICS:
-            row[key] = test[key]
-            interval = (test.get("ci95") or {}).get(key)
-            row[f"{key}_ci_low"], row[f"{key}_ci_high"] = interval or (None, None)
+    for key in dict.fromkeys(keys):
+        runs = frame[keys == key]
+        first = runs.iloc[0]
+        row = {k: first.get(k) for k in EXPERIMENT}
         row.update(
-            {
-                "threshold": metrics["threshold"],
-                "selected_epoch": metrics["selected_epoch"],
-                "seconds": metrics["seconds"]["total"],
-                "device": metrics["device"],
-                "torch": folder.read_environment()["torch"],
-            }
+            task=first.task,
+            replicates=len(runs),
+            seeds=" ".join(sorted({_text(v) for v in runs.seed})),
+            folds=" ".join(sorted({_text(v) for v in runs.fold})),
+            cells=" ".join(runs.cell),
         )
+        for metric in HEADLINE[first.task]:
+            values = pd.to_numeric(runs[metric], errors="coerce")
+            row[f"{metric}_mean"] = values.mean()
+            row[f"{metric}_sd"] = values.std() if len(runs) > 1 else None
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def write_results(out: Path, study=None) -> Path:
+    """``results.csv`` / ``.parquet`` (a row per run) and ``summary.csv`` (per experiment)."""
     frame = collect(out)
     csv = Path(out) / f"{TABLE}.csv"
     write_with(csv, lambda tmp: frame.to_csv(tmp, index=False))
+    summary = summarize(frame)
+    write_with(Path(out) / f"{SUMMARY}.csv", lambda tmp: summary.to_csv(tmp, index=False))
     if not frame.empty:
         write_with(
             Path(out) / f"{TABLE}.parquet",
@@ -54,6 +131,14 @@ def write_results(out: Path, study=None) -> Path:
             ),
         )
     return csv
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "None"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # an integer column that pandas made float by a missing value
+    return str(value)
 
 
 def _mixed(frame: pd.DataFrame) -> list[str]:
