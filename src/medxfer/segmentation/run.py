@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -21,87 +21,14 @@ from medxfer import rundir
 from medxfer.atomic import write_json, write_with
 from medxfer.data.augment import get_augmentation
 from medxfer.errors import MedxferError
-from medxfer.models.factory import ModelSpec
 from medxfer.segmentation.data import SegmentationData, load_segmentation
 from medxfer.segmentation.engine import Loader, encode_all, evaluate, train_one_epoch
 from medxfer.segmentation.losses import SegmentationLoss
 from medxfer.segmentation.metrics import per_image, summarize
 from medxfer.segmentation.model import SegmentationModel
+from medxfer.segmentation.options import SegmentationOptions, options_from_dict
 from medxfer.training.device import amp_dtype, select_device
 from medxfer.training.features import inference_batch_size
-
-SELECTIONS = ("val_dice", "val_loss", "last")
-
-
-@dataclass
-class SegmentationOptions:
-    """Every option of a segmentation run (all saved in ``config.json``)."""
-
-    data: str
-    out: str
-    arch: str = "mobilenet_v2"
-    mode: str = "transfer"
-    bn: str = "frozen"
-    trainable_stages: int = 1
-    normalize: str = "paper"
-    weights: str | None = None
-    image_size: int = 128
-    labels: str = "0,255"
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    loss: str = "ce+dice"
-    ce_weight: float = 1.0
-    dice_weight: float = 1.0
-    decoder_width: int = 64
-    augment: str = "paper"
-    select: str = "val_dice"
-    feature_cache: bool = True
-    bootstrap: int = 1000
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    eval_batch_size: int | None = None
-
-    @property
-    def label_values(self) -> tuple[int, ...]:
-        try:
-            return tuple(int(v) for v in str(self.labels).split(","))
-        except ValueError:
-            raise MedxferError(f"--labels {self.labels!r}: give mask values like 0,255") from None
-
-    @property
-    def model_spec(self) -> ModelSpec:
-        return ModelSpec(
-            arch=self.arch,
-            mode=self.mode,
-            bn=self.bn,
-            trainable_stages=self.trainable_stages,
-            normalization=self.normalize,
-            weights=self.weights,
-            inception_aux=False,
-        )
-
-    def validate(self) -> None:
-        self.model_spec.validate()
-        self.label_values  # noqa: B018 - parses, raising on bad input
-        get_augmentation(self.augment)
-        SegmentationLoss(self.loss, ce_weight=self.ce_weight, dice_weight=self.dice_weight)
-        if self.bn == "adapt":
-            raise MedxferError("--bn adapt: not available for segmentation (frozen or train)")
-        if self.select not in SELECTIONS:
-            raise MedxferError(f"--select {self.select!r}: choose from {', '.join(SELECTIONS)}")
-        if self.image_size < 32 or self.epochs < 1 or self.batch_size < 1:
-            raise MedxferError("--image-size must be >= 32, --epochs and --batch-size >= 1")
-
-    @property
-    def caches_features(self) -> bool:
-        return self.feature_cache and self.mode == "transfer" and self.bn == "frozen"
-
-    def differences(self, other: dict) -> list[str]:
-        mine = asdict(self)
-        return [k for k in mine if k != "out" and mine[k] != other.get(k)]
 
 
 def train_segmentation(options: SegmentationOptions, *, log: Callable[[str], None] = print) -> Path:
@@ -216,11 +143,6 @@ def load_segmentation_run(run: str | Path) -> tuple[SegmentationModel, dict]:
     )
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved
-
-
-def options_from_dict(values: dict) -> SegmentationOptions:
-    known = {f.name for f in fields(SegmentationOptions)}
-    return SegmentationOptions(**{k: v for k, v in values.items() if k in known})
 
 
 def _start_or_resume(options, out: Path, model, optimizer, log) -> dict:
