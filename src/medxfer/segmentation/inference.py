@@ -34,7 +34,8 @@ class ProbabilityModel(nn.Module):
 
     def __init__(self, model: SegmentationModel) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.model = model
+        self.eval()
 
     def forward(self, gray: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(gray), dim=1)
@@ -56,7 +57,7 @@ def predict_masks(
     written = []
     for path in expand_inputs(inputs):
         gray = read_gray(path)
-        x = torch.from_numpy(resize_square(gray, size)).float().div(255.0)[None, None]
+        x = torch.from_numpy(np.array(resize_square(gray, size))).float().div(255.0)[None, None]
         with torch.inference_mode():
             prob = wrapper(x.to(device))
             prob = F.interpolate(prob, size=gray.shape, mode="bilinear", align_corners=False)
