@@ -7,9 +7,11 @@ Two layouts, both read through one manifest table:
   column the mask of ``images/NAME.png`` is ``masks/NAME.png``;
 * a CSV manifest ``path,mask,split[,patient]``, paths relative to the CSV's folder.
 
-Column names: ``path`` or ``image`` is the image; ``mask``, ``split`` and ``patient`` as named;
-other columns (lung_seg's ``source``, ``tb``) are ignored. Masks hold the declared label values
-(default ``0, 255``: binary); the i-th declared value becomes class i.
+Column names: ``path`` or ``image`` is the image (lung_seg's ``image``), ``mask`` its mask,
+``split`` one of train/val/test; other columns (``patient``, lung_seg's ``source`` and ``tb``)
+are ignored (lung_seg has one image per patient, so images are the units of the bootstrap).
+Masks hold the declared label values (default ``0, 255``: binary); the i-th declared value
+becomes class i.
 """
 
 from __future__ import annotations
