@@ -327,6 +327,31 @@ def test_taps_at_strides_4_to_32(arch, stages):
     assert logits.shape == (2, 3, SIZE, SIZE)
 
 
+def test_partial_mode_trains_only_the_last_stage_and_the_decoder():
+    from medxfer.segmentation.engine import train_one_epoch
+
+    torch.manual_seed(0)
+    model = SegmentationModel(ModelSpec("mobilenet_v2", "partial", trainable_stages=1), 2, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = (torch.rand(4, 32, 32) * 255).to(torch.uint8)
+    masks = (images > 128).to(torch.uint8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_one_epoch(
+        model,
+        SegmentationLoss(),
+        torch.optim.SGD(params, lr=0.1),
+        Loader(images, masks, torch.arange(4), 4),
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+    )
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert any(k.startswith("encoder.features.18.") for k in changed)
+    assert any(k.startswith("decoder.") for k in changed)
+    frozen = [k for k in changed if k.startswith("encoder.") and ".18." not in k]
+    assert frozen == []  # weights and BatchNorm statistics of frozen stages stay put
+
+
 # --- data and bad input -----------------------------------------------------------------------
 
 

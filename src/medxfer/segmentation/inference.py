@@ -54,8 +54,9 @@ def predict_masks(
     device = select_device(device_name)
     wrapper = ProbabilityModel(model.to(device))
     out_dir = Path(out_dir)
-    written = []
+    written: list[Path] = []
     for path in expand_inputs(inputs):
+        stem = _unique_stem(path.stem, {p.name for p in written})
         gray = read_gray(path)
         x = torch.from_numpy(np.array(resize_square(gray, size))).float().div(255.0)[None, None]
         with torch.inference_mode():
@@ -63,11 +64,11 @@ def predict_masks(
             prob = F.interpolate(prob, size=gray.shape, mode="bilinear", align_corners=False)
         classes = prob.argmax(dim=1)[0].cpu().numpy()
         mask = labels[classes].astype(np.uint8)
-        target = out_dir / f"{path.stem}_mask.png"
+        target = out_dir / f"{stem}_mask.png"
         write_with(target, lambda tmp, m=mask: Image.fromarray(m).save(tmp, format="PNG"))
         overlay = _overlay(gray, classes > 0)
         write_with(
-            out_dir / f"{path.stem}_overlay.png",
+            out_dir / f"{stem}_overlay.png",
             lambda tmp, o=overlay: Image.fromarray(o).save(tmp, format="PNG"),
         )
         written.append(target)
@@ -125,6 +126,15 @@ def onnx_gap(path: Path, wrapper: nn.Module, gray: torch.Tensor) -> float:
     with torch.inference_mode():
         want = wrapper(gray).numpy()
     return float(np.abs(got - want).max())
+
+
+def _unique_stem(stem: str, used: set[str]) -> str:
+    """``NAME``, or ``NAME_2``, ... when inputs from different folders share a name."""
+    candidate, n = stem, 1
+    while f"{candidate}_mask.png" in used:
+        n += 1
+        candidate = f"{stem}_{n}"
+    return candidate
 
 
 def _overlay(gray: np.ndarray, foreground: np.ndarray) -> np.ndarray:
