@@ -11,8 +11,8 @@ from torch import nn
 
 from medxfer.data.augment import get_augmentation
 from medxfer.data.prepared import prepare_data
-from medxfer.models.factory import ModelSpec, create_model
 from medxfer.device import to_input
+from medxfer.models.factory import ModelSpec, create_model
 from medxfer.tasks import make_task
 from medxfer.training.loop import (
     ImageSource,

@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_weights)
 
     _add_cache_commands(sub)
+    _add_segment_parser(sub)
     return parser
 
 
@@ -516,6 +517,89 @@ def _size(n: float) -> str:
     while n >= 1000 and step < len(units) - 1:
         n, step = n / 1000, step + 1
     return f"{n:.0f} B" if step == 0 else f"{n:.1f} {units[step]}"
+
+
+# --- medxfer segment: lung masks on a frozen (or fine-tuned) ImageNet backbone ---------------
+
+SEGMENT_HELP = {
+    "labels": "mask values, comma-separated; the i-th becomes class i (0,255: binary)",
+    "loss": "ce+dice, ce or dice",
+    "ce_weight": "weight of the per-pixel cross-entropy in ce+dice",
+    "dice_weight": "weight of the soft Dice loss in ce+dice",
+    "decoder_width": "channels of every U-Net decoder level",
+    "select": "best-epoch rule on validation data: val_dice, val_loss or last",
+    "feature_cache": "transfer mode: encode validation and test images once",
+    "bootstrap": "bootstrap resamples for the 95%% intervals of test metrics (0: none)",
+}
+
+
+def _add_segment_parser(sub) -> None:
+    from medxfer.segmentation.options import SegmentationOptions
+
+    p = sub.add_parser("segment", help="segmentation (masks) on an ImageNet backbone")
+    seg = p.add_subparsers(dest="segment_command", required=True)
+    q = seg.add_parser("train", help="train one segmentation run (resumes an interrupted one)")
+    q.add_argument("--data", required=True, help="folder with split.csv, or a CSV manifest")
+    q.add_argument("--out", required=True, help="run folder to write")
+    hints = typing.get_type_hints(SegmentationOptions)
+    for f in fields(SegmentationOptions):
+        if f.name in ("data", "out"):
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), _base_type(hints[f.name])
+        help_text = (SEGMENT_HELP.get(f.name) or TRAIN_HELP.get(f.name, "")) + (
+            f" (default: {f.default})"
+        )
+        if kind is bool:
+            action = argparse.BooleanOptionalAction
+            q.add_argument(flag, action=action, default=f.default, help=help_text)
+        else:
+            q.add_argument(flag, type=kind, default=f.default, help=help_text)
+    q.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    q.set_defaults(handler=_segment_train)
+
+    q = seg.add_parser("predict", help="mask and overlay PNGs for new images")
+    q.add_argument("run", type=Path)
+    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    q.add_argument("--out", required=True, type=Path, help="folder for NAME_mask/overlay.png")
+    q.add_argument("--device", default="auto")
+    q.set_defaults(handler=_segment_predict)
+
+    q = seg.add_parser("export", help="ONNX model returning per-pixel probabilities")
+    q.add_argument("run", type=Path)
+    q.add_argument("--out", type=Path, help="default: RUN/model.onnx")
+    q.set_defaults(handler=_segment_export)
+
+
+def _segment_train(args: argparse.Namespace) -> int:
+    from medxfer.segmentation.options import SegmentationOptions
+    from medxfer.segmentation.run import train_segmentation
+
+    options = SegmentationOptions(
+        **{f.name: getattr(args, f.name) for f in fields(SegmentationOptions)}
+    )
+    run = train_segmentation(options, log=(lambda _m: None) if args.quiet else print)
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    print(
+        f"{run}: test dice {test['dice']:.4f} iou {test['iou']:.4f} "
+        f"pixel accuracy {test['pixel_accuracy']:.4f} hd95 {test['hd95']:.2f} px"
+    )
+    return 0
+
+
+def _segment_predict(args: argparse.Namespace) -> int:
+    from medxfer.segmentation.inference import predict_masks
+
+    masks = predict_masks(args.run, args.inputs, args.out, device_name=args.device)
+    print(f"wrote {len(masks)} masks and overlays to {args.out}")
+    return 0
+
+
+def _segment_export(args: argparse.Namespace) -> int:
+    from medxfer.segmentation.inference import ONNX_TOLERANCE, export_onnx
+
+    path = export_onnx(args.run, args.out)
+    print(f"wrote {path} and {path}.json (onnxruntime matches PyTorch within {ONNX_TOLERANCE})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,144 @@
+"""Using a trained segmentation run: masks and overlays for new images, and ONNX export.
+
+The exported graph takes a gray batch (B, 1, S, S) of floats in [0, 1] and returns per-pixel
+class probabilities (B, K, S, S) (softmax over the K classes; for binary masks channel 1 is
+the foreground). The export is checked in onnxruntime against PyTorch before it is kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from medxfer.atomic import write_json, write_with
+from medxfer.data.images import read_gray, resize_square
+from medxfer.errors import MedxferError
+from medxfer.inference.predict import expand_inputs
+from medxfer.segmentation.model import SegmentationModel
+from medxfer.segmentation.options import options_from_dict
+from medxfer.segmentation.run import load_segmentation_run
+from medxfer.training.device import select_device
+
+OVERLAY_RGB = (255, 40, 40)
+OVERLAY_ALPHA = 0.4
+ONNX_TOLERANCE = 1e-4
+
+
+class ProbabilityModel(nn.Module):
+    """``gray (B, 1, S, S) -> softmax probabilities (B, K, S, S)``."""
+
+    def __init__(self, model: SegmentationModel) -> None:
+        super().__init__()
+        self.model = model
+        self.eval()
+
+    def forward(self, gray: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(gray), dim=1)
+
+
+def predict_masks(
+    run: str | Path, inputs: list[str], out_dir: str | Path, *, device_name: str = "auto"
+) -> list[Path]:
+    """Write ``NAME_mask.png`` (the run's label values, at the input's own size) and
+    ``NAME_overlay.png`` for every input image; return the mask paths."""
+    model, saved = load_segmentation_run(run)
+    size = options_from_dict(saved["options"]).image_size
+    labels = np.asarray(saved["labels"], dtype=np.int64)
+    if labels.max() > 255 or labels.min() < 0:
+        raise MedxferError(f"{run}: label values {labels.tolist()} do not fit an 8-bit PNG")
+    device = select_device(device_name)
+    wrapper = ProbabilityModel(model.to(device))
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    for path in expand_inputs(inputs):
+        stem = _unique_stem(path.stem, {p.name for p in written})
+        gray = read_gray(path)
+        x = torch.from_numpy(np.array(resize_square(gray, size))).float().div(255.0)[None, None]
+        with torch.inference_mode():
+            prob = wrapper(x.to(device))
+            prob = F.interpolate(prob, size=gray.shape, mode="bilinear", align_corners=False)
+        classes = prob.argmax(dim=1)[0].cpu().numpy()
+        mask = labels[classes].astype(np.uint8)
+        target = out_dir / f"{stem}_mask.png"
+        write_with(target, lambda tmp, m=mask: Image.fromarray(m).save(tmp, format="PNG"))
+        overlay = _overlay(gray, classes > 0)
+        write_with(
+            out_dir / f"{stem}_overlay.png",
+            lambda tmp, o=overlay: Image.fromarray(o).save(tmp, format="PNG"),
+        )
+        written.append(target)
+    return written
+
+
+def export_onnx(run: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``RUN/model.onnx`` (dynamic batch) and its ``.json``; verify it in onnxruntime."""
+    model, saved = load_segmentation_run(run)
+    size = options_from_dict(saved["options"]).image_size
+    wrapper = ProbabilityModel(model.cpu().float())
+    out = Path(out) if out else Path(run) / "model.onnx"
+    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+
+    def write(tmp: Path) -> None:
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            input_names=["gray"],
+            output_names=["probabilities"],
+            dynamic_shapes={"gray": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            dynamo=True,
+            verbose=False,
+        )
+        program.save(str(tmp))
+        gap = onnx_gap(tmp, wrapper, torch.rand(3, 1, size, size))
+        if gap > ONNX_TOLERANCE:
+            raise MedxferError(f"{out}: ONNX output differs from PyTorch by {gap:.2e}")
+
+    write_with(out, write)
+    write_json(
+        out.with_suffix(out.suffix + ".json"),
+        {
+            "format": "onnx",
+            "input": {"name": "gray", "shape": ["batch", 1, size, size], "range": [0, 1]},
+            "output": {
+                "name": "probabilities",
+                "shape": ["batch", len(saved["labels"]), size, size],
+                "meaning": "softmax over classes; class i is mask value labels[i]",
+            },
+            "labels": saved["labels"],
+            "arch": saved["options"]["arch"],
+            "mode": saved["options"]["mode"],
+        },
+    )
+    return out
+
+
+def onnx_gap(path: Path, wrapper: nn.Module, gray: torch.Tensor) -> float:
+    """Largest absolute difference between onnxruntime and PyTorch on ``gray``."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"gray": gray.numpy()})[0]
+    with torch.inference_mode():
+        want = wrapper(gray).numpy()
+    return float(np.abs(got - want).max())
+
+
+def _unique_stem(stem: str, used: set[str]) -> str:
+    """``NAME``, or ``NAME_2``, ... when inputs from different folders share a name."""
+    candidate, n = stem, 1
+    while f"{candidate}_mask.png" in used:
+        n += 1
+        candidate = f"{stem}_{n}"
+    return candidate
+
+
+def _overlay(gray: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    tint = np.asarray(OVERLAY_RGB, dtype=np.float32)
+    rgb[foreground] = (1 - OVERLAY_ALPHA) * rgb[foreground] + OVERLAY_ALPHA * tint
+    return np.round(rgb).astype(np.uint8)
