@@ -63,11 +63,14 @@ class DetectionData:
         return torch.tensor([index[name] for name in item.labels], dtype=torch.int64)
 
 
-def load_detection_data(source: str | Path, classes: list[str] | None = None) -> DetectionData:
+def load_detection_data(
+    source: str | Path, classes: list[str] | None = None, limit: int | None = None
+) -> DetectionData:
     """Read, clip and check the annotations of ``source`` (VOC folder or CSV).
 
     ``classes``: the declared classes; default the classes of the training boxes (sorted).
-    Any box of another class is an error naming its file.
+    Any box of another class is an error naming its file. ``limit``: the first N images of
+    each split only (quick looks, tests).
     """
     source = Path(source)
     if source.suffix.lower() == ".csv":
@@ -76,6 +79,8 @@ def load_detection_data(source: str | Path, classes: list[str] | None = None) ->
         raw = _read_voc(_voc_root(source))
     else:
         raise MedxferError(f"{source}: not a VOC folder or a .csv of boxes")
+    if limit:
+        raw = {split: items[:limit] for split, items in raw.items()}
     for split in ("train", "val"):
         if not raw.get(split):
             raise MedxferError(f"{source}: no images in the {split} split")
@@ -112,16 +117,14 @@ def box_scales(items: list[Annotated], scale_of: dict[Path, float]) -> np.ndarra
     return np.stack([np.sqrt(w * h), h / w], axis=1)
 
 
-RawItem = tuple[Path, np.ndarray, list[str], Path]  # image, boxes, names, annotation file
+RawItem = tuple[Path, np.ndarray, list[str], str]  # image, boxes, names, where it was read
 
 
 def _clean(item: RawItem, classes: tuple[str, ...], counts: BoxCounts) -> Annotated | None:
     path, boxes, names, origin = item
     for name in names:
         if name not in classes:
-            raise MedxferError(
-                f"{origin}: unknown class {name!r} (classes: {', '.join(classes)})"
-            )
+            raise MedxferError(f"{origin}: unknown class {name!r} (classes: {', '.join(classes)})")
     width, height = _image_size(path)
     clipped = boxes.copy()
     clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
@@ -177,13 +180,15 @@ def _read_xml(root: Path, xml: Path) -> RawItem:
             "cell image would be learnt as background)"
         )
     try:
-        boxes = [[float(o.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
-                 for o in objects]
+        boxes = [
+            [float(o.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+            for o in objects
+        ]
     except (TypeError, ValueError):
         raise MedxferError(f"{xml}: a box lacks a numeric xmin/ymin/xmax/ymax") from None
     names = [(o.findtext("name") or "").strip() for o in objects]
     filename = tree.findtext("filename") or f"{xml.stem}.jpg"
-    return root / "JPEGImages" / filename, np.array(boxes, dtype=np.float64), names, xml
+    return root / "JPEGImages" / filename, np.array(boxes, dtype=np.float64), names, str(xml)
 
 
 def _read_csv(path: Path) -> dict[str, list[RawItem]]:
@@ -203,6 +208,7 @@ def _read_csv(path: Path) -> dict[str, list[RawItem]]:
     raw: dict[str, list[RawItem]] = {}
     for (split, image), rows in frame.groupby(["split", "path"], sort=False):
         boxes = rows[["xmin", "ymin", "xmax", "ymax"]].to_numpy(np.float64)
-        item = (path.parent / image, boxes, [str(n).strip() for n in rows["label"]], path)
+        names = [str(n).strip() for n in rows["label"]]
+        item = (path.parent / image, boxes, names, f"{path} ({image})")
         raw.setdefault(split, []).append(item)
     return raw

@@ -25,7 +25,9 @@ class DetectionScores:
 
     def update(self, predictions: list[dict], targets: list[dict]) -> None:
         """Boxes xyxy; labels are class indices from 1 as the detector emits them."""
-        preds = [{k: p[k].detach().cpu() for k in ("boxes", "scores", "labels")} for p in predictions]
+        preds = [
+            {k: p[k].detach().cpu() for k in ("boxes", "scores", "labels")} for p in predictions
+        ]
         gts = [{k: t[k].detach().cpu() for k in ("boxes", "labels")} for t in targets]
         self._all.update(preds, gts)
         self._at50.update(preds, gts)

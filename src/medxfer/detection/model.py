@@ -128,7 +128,8 @@ def build_detector(spec: DetectorSpec, load_weights: bool = True) -> FasterRCNN:
     """The detector of ``spec``; raises MedxferError for unknown arch/mode or missing weights."""
     if spec.mode not in DETECTION_MODES:
         raise MedxferError(
-            f"--mode {spec.mode!r}: unknown for detection (choose from {', '.join(DETECTION_MODES)})"
+            f"--mode {spec.mode!r}: unknown for detection "
+            f"(choose from {', '.join(DETECTION_MODES)})"
         )
     classifier = create_model(
         ModelSpec(spec.arch, mode=spec.mode, normalization="imagenet", weights=spec.weights),
@@ -180,8 +181,11 @@ def _stride_taps(body: nn.Module) -> tuple[list[str], list[int]]:
         h.remove()
     taps, channels = [], []
     for stride in LEVEL_STRIDES:
-        match = [n for n, _ in stages if n in shapes and len(shapes[n]) == 4
-                 and shapes[n][-1] == 64 // stride]
+        match = [
+            n
+            for n, _ in stages
+            if n in shapes and len(shapes[n]) == 4 and shapes[n][-1] == 64 // stride
+        ]
         if not match:
             raise MedxferError(f"backbone has no stage of stride {stride} for a feature pyramid")
         taps.append(match[-1])
