@@ -203,7 +203,10 @@ def _read_csv(path: Path) -> dict[str, list[RawItem]]:
     if unknown:
         raise MedxferError(f"{path}: unknown split {sorted(map(str, unknown))[0]!r}")
     coords = frame[["xmin", "ymin", "xmax", "ymax"]]
-    if not all(pd.api.types.is_numeric_dtype(t) for t in coords.dtypes) or coords.isna().any(None):
+    if (
+        not all(pd.api.types.is_numeric_dtype(t) for t in coords.dtypes)
+        or coords.isna().to_numpy().any()
+    ):
         raise MedxferError(f"{path}: xmin/ymin/xmax/ymax must all be numbers")
     raw: dict[str, list[RawItem]] = {}
     for (split, image), rows in frame.groupby(["split", "path"], sort=False):

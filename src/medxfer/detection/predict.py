@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torchvision.io import write_png
+from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
 from medxfer import rundir
@@ -67,4 +67,5 @@ def _draw(image, boxes, names, scores, spec: DetectorSpec, target: Path) -> None
     colours = [COLOURS[spec.classes.index(n) % len(COLOURS)] for n in names]
     labels = [f"{n} {s:.2f}" for n, s in zip(names, scores.tolist(), strict=True)]
     drawn = draw_bounding_boxes(image, boxes, labels=labels, colors=colours, width=1)
-    write_with(target, lambda tmp: write_png(drawn, str(tmp)))
+    picture = Image.fromarray(drawn.permute(1, 2, 0).numpy())
+    write_with(target, lambda tmp: picture.save(tmp, format="PNG"))
