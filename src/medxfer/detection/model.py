@@ -67,8 +67,9 @@ def anchors_from_boxes(scales: np.ndarray) -> tuple[tuple[tuple[float, ...], ...
 
     ``scales``: (N, 2) of sqrt(w h) and h / w at the working resolution. The box sizes from the
     1st to the 99th percentile are covered by 6 geometrically spaced sizes, two per level,
-    smallest on the finest level (BCCD at 320 px: platelets about 12 px, RBC 40, WBC 70); the
-    aspect ratios are the 10th, 50th and 90th percentiles of h / w.
+    smallest on the finest level (BCCD train at 320 px: median platelet 19 px, RBC 51, WBC 94;
+    anchors 16.5 to 115 px); the aspect ratios are the 10th, 50th and 90th percentiles of h / w
+    (0.77, 0.96, 1.18 on BCCD). Quantiles of all boxes alone would follow the RBC, 85% of boxes.
     """
     if len(scales) == 0:
         raise MedxferError("no training boxes to size the anchors from")
