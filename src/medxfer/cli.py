@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_cache_commands(sub)
     _add_segment_parser(sub)
+    _add_detect_parser(sub)
     return parser
 
 
@@ -599,6 +600,90 @@ def _segment_export(args: argparse.Namespace) -> int:
 
     path = export_onnx(args.run, args.out)
     print(f"wrote {path} and {path}.json (onnxruntime matches PyTorch within {ONNX_TOLERANCE})")
+
+
+# --- medxfer detect: object detection on a frozen / fine-tuned / scratch backbone -------------
+
+DETECT_HELP = {
+    "arch": "backbone: mobilenet_v2, resnet18, timm/tf_efficientnet_lite0, ...",
+    "mode": "transfer (frozen ImageNet backbone), scratch, or finetune",
+    "image_size": "longer image side at the working resolution",
+    "optimizer": "sgd (momentum 0.9) or adamw",
+    "classes": "comma-separated class names (default: those of the training boxes)",
+    "weights": "a local ImageNet weights file instead of the standard download",
+    "fpn_channels": "channels of the feature pyramid and the detection heads",
+    "augment": "random horizontal and vertical flips of training images",
+    "limit": "use only the first N images of each split (quick looks, tests)",
+    "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, mps",
+}
+
+
+def _add_detect_parser(sub) -> None:
+    from medxfer.detection.run import DetectionOptions
+
+    p = sub.add_parser("detect", help="object detection (boxes) on an ImageNet backbone")
+    detect = p.add_subparsers(dest="detect_command", required=True)
+    q = detect.add_parser("train", help="train a detector (resumes an interrupted run)")
+    q.add_argument("--data", required=True, help="VOC folder or CSV of boxes")
+    q.add_argument("--out", required=True, help="run folder to write")
+    for f in fields(DetectionOptions):
+        if f.name in ("data", "out"):
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if isinstance(default, bool):
+            q.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=DETECT_HELP.get(f.name),
+            )
+        elif f.name == "classes":
+            q.add_argument(
+                flag,
+                type=lambda v: [c.strip() for c in v.split(",") if c.strip()],
+                default=None,
+                help=DETECT_HELP[f.name],
+            )
+        else:
+            kind = {"limit": int}.get(f.name, type(default) if default is not None else str)
+            q.add_argument(flag, type=kind, default=default, help=DETECT_HELP.get(f.name))
+    q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    q.set_defaults(handler=_detect_train)
+
+    q = detect.add_parser("predict", help="boxes for new images: PNGs and detections.csv/json")
+    q.add_argument("run", type=Path)
+    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    q.add_argument("--out", type=Path, required=True, help="folder for the PNGs and tables")
+    q.add_argument("--min-score", type=float, default=0.5, help="drop weaker detections")
+    q.add_argument("--device", default="auto")
+    q.set_defaults(handler=_detect_predict)
+
+
+def _detect_train(args: argparse.Namespace) -> int:
+    from medxfer.detection.run import DetectionOptions, remove_run, train_detection
+
+    names = {f.name for f in fields(DetectionOptions)}
+    options = DetectionOptions(**{k: v for k, v in vars(args).items() if k in names})
+    if args.overwrite:
+        remove_run(Path(options.out))
+    out = train_detection(options)
+    test = json.loads((out / "metrics.json").read_text()).get("test") or {}
+    print(f"{out}: test mAP@0.5 {test.get('map_50')}, mAP@[.5:.95] {test.get('map')}")
+    return 0
+
+
+def _detect_predict(args: argparse.Namespace) -> int:
+    from medxfer.detection.predict import predict_boxes
+    from medxfer.inference.predict import expand_inputs
+
+    frame = predict_boxes(
+        args.run,
+        expand_inputs(args.inputs),
+        args.out,
+        min_score=args.min_score,
+        device=args.device,
+    )
+    print(f"{len(frame)} boxes in {frame['file'].nunique()} images -> {args.out}")
     return 0
 
 

@@ -73,7 +73,7 @@ def _torchvision_backbone(spec: ModelSpec, load_weights: bool) -> tuple[nn.Modul
         if spec.arch == "inception_v3" and not spec.pretrained:
             kwargs["init_weights"] = True
         model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
-        if spec.weights:
+        if spec.weights and spec.pretrained:  # a scratch network starts from random weights
             _load_state_dict(model, spec.weights)
     if spec.arch == "inception_v3":
         # Inception's weights expect inputs scaled to [-1, 1] (the paper's normalisation);

@@ -64,7 +64,7 @@ class ModelSpec:
 
     def check_files(self) -> None:
         """Files a training run needs (not needed to reload a trained model)."""
-        if self.weights and not Path(self.weights).is_file():
+        if self.pretrained and self.weights and not Path(self.weights).is_file():
             raise MedxferError(f"{self.weights}: weights file not found")
 
 

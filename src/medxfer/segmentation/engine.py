@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from medxfer.data.augment import Augmentation, augment_batch
+from medxfer.device import autocast, to_input
 from medxfer.segmentation.model import SegmentationModel
-from medxfer.training.device import autocast
-from medxfer.training.features import to_input
 
 
 @dataclass

@@ -17,12 +17,12 @@ from torch import nn
 
 from medxfer.atomic import write_json, write_with
 from medxfer.data.images import read_gray, resize_square
+from medxfer.device import select_device
 from medxfer.errors import MedxferError
 from medxfer.inference.predict import expand_inputs
 from medxfer.segmentation.model import SegmentationModel
 from medxfer.segmentation.options import options_from_dict
 from medxfer.segmentation.run import load_segmentation_run
-from medxfer.training.device import select_device
 
 OVERLAY_RGB = (255, 40, 40)
 OVERLAY_ALPHA = 0.4

@@ -1,6 +1,6 @@
 """One segmentation run end to end: data -> model -> epochs -> run folder.
 
-The run folder mirrors classification's (see ``medxfer.rundir``): ``config.json``,
+The run folder mirrors classification's (see ``medxfer.run.folder``): ``config.json``,
 ``history.csv``, ``predictions.csv`` (per test image), ``model.pt``, and ``metrics.json``
 written last to mark the run complete; ``checkpoint.pt`` holds the last finished epoch while
 training, and rerunning the same options resumes from it.
@@ -17,25 +17,24 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from medxfer import rundir
 from medxfer.atomic import write_json, write_with
 from medxfer.data.augment import get_augmentation
+from medxfer.device import amp_dtype, inference_batch_size, select_device
 from medxfer.errors import MedxferError
+from medxfer.run.folder import RunFolder, environment
 from medxfer.segmentation.data import SegmentationData, load_segmentation
 from medxfer.segmentation.engine import Loader, encode_all, evaluate, train_one_epoch
 from medxfer.segmentation.losses import SegmentationLoss
 from medxfer.segmentation.metrics import per_image, summarize
 from medxfer.segmentation.model import SegmentationModel
 from medxfer.segmentation.options import SegmentationOptions, options_from_dict
-from medxfer.training.device import amp_dtype, select_device
-from medxfer.training.features import inference_batch_size
 
 
 def train_segmentation(options: SegmentationOptions, *, log: Callable[[str], None] = print) -> Path:
     """Train (or resume, or find finished) the run; return its folder."""
     options.validate()
     out = Path(options.out)
-    if rundir.is_complete(out):
+    if RunFolder(out).is_complete():
         _check_same(options, out)
         log(f"{out}: run already complete")
         return out
@@ -50,11 +49,11 @@ def train_segmentation(options: SegmentationOptions, *, log: Callable[[str], Non
     state = _start_or_resume(options, out, model, optimizer, log)
     started = time.perf_counter()
     write_json(
-        out / rundir.CONFIG,
+        out / RunFolder.CONFIG,
         {
             "run": asdict(options),
             "resolved": _resolved(options, data, model, device),
-            "environment": rundir.environment(),
+            "environment": environment(),
         },
     )
     criterion = SegmentationLoss(
@@ -106,7 +105,7 @@ def train_segmentation(options: SegmentationOptions, *, log: Callable[[str], Non
         state["epoch"] = epoch
         _write_history(out, state["history"])
         write_with(
-            out / rundir.CHECKPOINT,
+            out / RunFolder.CHECKPOINT,
             lambda tmp: torch.save(
                 {"state": state, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
                 tmp,
@@ -126,16 +125,16 @@ def train_segmentation(options: SegmentationOptions, *, log: Callable[[str], Non
         cached=cached,
         device=device,
     )
-    (out / rundir.CHECKPOINT).unlink(missing_ok=True)
+    (out / RunFolder.CHECKPOINT).unlink(missing_ok=True)
     log(f"{out}: done in {time.perf_counter() - started:.1f} s")
     return out
 
 
 def load_segmentation_run(run: str | Path) -> tuple[SegmentationModel, dict]:
     """The trained model of a finished run (eval mode, CPU) and its saved metadata."""
-    path = Path(run) / rundir.MODEL
+    path = Path(run) / RunFolder.MODEL
     if not path.exists():
-        raise MedxferError(f"{run}: no trained model ({rundir.MODEL}); is the run finished?")
+        raise MedxferError(f"{run}: no trained model ({RunFolder.MODEL}); is the run finished?")
     saved = torch.load(path, map_location="cpu", weights_only=False)
     options = options_from_dict(saved["options"])
     model = SegmentationModel(
@@ -148,9 +147,9 @@ def load_segmentation_run(run: str | Path) -> tuple[SegmentationModel, dict]:
 def _start_or_resume(options, out: Path, model, optimizer, log) -> dict:
     """A fresh training state, or the checkpointed one of an interrupted identical run."""
     state = {"epoch": 0, "history": [], "best_epoch": 0, "best_score": None, "best_state": None}
-    if (out / rundir.CONFIG).exists():
+    if (out / RunFolder.CONFIG).exists():
         _check_same(options, out)
-        checkpoint = out / rundir.CHECKPOINT
+        checkpoint = out / RunFolder.CHECKPOINT
         if checkpoint.exists():
             saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
             model.load_state_dict(saved["model"])
@@ -201,14 +200,14 @@ def _finish(
     test_loss, test_rows = results["test"]
     test_idx = data.splits["test"].tolist()
     table = pd.DataFrame({"file": [data.files[i] for i in test_idx], **test_rows})
-    write_with(out / rundir.PREDICTIONS, lambda tmp: table.to_csv(tmp, index=False))
+    write_with(out / RunFolder.PREDICTIONS, lambda tmp: table.to_csv(tmp, index=False))
     saved = {
         "options": asdict(options),
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
         "labels": list(data.labels),
         "taps": [asdict(t) for t in model.taps],
     }
-    write_with(out / rundir.MODEL, lambda tmp: torch.save(saved, tmp))
+    write_with(out / RunFolder.MODEL, lambda tmp: torch.save(saved, tmp))
     metrics = {
         "task": "segmentation",
         "arch": options.arch,
@@ -233,7 +232,7 @@ def _finish(
         "seconds": {"epochs": sum(r["seconds"] for r in state["history"])},
         "device": str(device),
     }
-    write_json(out / rundir.METRICS, metrics)  # written last: marks the run complete
+    write_json(out / RunFolder.METRICS, metrics)  # written last: marks the run complete
 
 
 def _resolved(options, data: SegmentationData, model: SegmentationModel, device) -> dict:
@@ -251,7 +250,7 @@ def _resolved(options, data: SegmentationData, model: SegmentationModel, device)
 
 def _write_history(out: Path, history: list[dict]) -> None:
     frame = pd.DataFrame(history)
-    write_with(out / rundir.HISTORY, lambda tmp: frame.to_csv(tmp, index=False))
+    write_with(out / RunFolder.HISTORY, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def _epoch_line(row: dict) -> str:
@@ -263,9 +262,9 @@ def _epoch_line(row: dict) -> str:
 def _check_same(options: SegmentationOptions, out: Path) -> None:
     import json
 
-    path = out / rundir.CONFIG
+    path = out / RunFolder.CONFIG
     if not path.exists():
-        raise MedxferError(f"{out}: not a medxfer run directory (no {rundir.CONFIG})")
+        raise MedxferError(f"{out}: not a medxfer run directory (no {RunFolder.CONFIG})")
     diff = options.differences(json.loads(path.read_text())["run"])
     if diff:
         raise MedxferError(

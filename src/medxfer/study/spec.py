@@ -31,6 +31,9 @@ class Study:
     source: str = ""
     skipped: list[str] = field(default_factory=list)
     compare: list[str] = field(default_factory=list)  # options compared besides ``mode``
+    # local ImageNet weights per architecture ([study.weights]), for those with no standard
+    # download here; scratch cells of that architecture ignore them
+    weights: dict[str, str] = field(default_factory=dict)
 
     def cells(self) -> list[Cell]:
         """Every combination of the grid over ``base``, in grid order."""
@@ -38,6 +41,9 @@ class Study:
         cells, self.skipped = [], []
         for values in itertools.product(*(self.grid[k] for k in keys)):
             options = {**self.base, **dict(zip(keys, values, strict=True))}
+            arch = options.get("arch", "mobilenet_v2")
+            if arch in self.weights and "weights" not in options:
+                options["weights"] = self.weights[arch]
             name = "-".join(_slug(k, v) for k, v in zip(keys, values, strict=True))
             if self.skip_unavailable_weights and not weights_available(options):
                 self.skipped.append(name)
@@ -99,6 +105,7 @@ def load_study(
         bool(meta.get("skip_unavailable_weights", False)),
         source,
         compare=list(compare),
+        weights=_weights_table(meta.get("weights", {}), source),
     )
     for cell in study.cells():  # validate every cell before anything runs
         RunConfig(out="-", **cell.options).validate()
@@ -131,3 +138,12 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def _weights_table(table: Any, source: str) -> dict[str, str]:
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise MedxferError(f"{source}: study.weights must map architecture names to files")
+    for arch, path in table.items():
+        if not Path(path).is_file():
+            raise MedxferError(f"{path}: weights file for {arch} (study.weights) not found")
+    return dict(table)
