@@ -71,6 +71,7 @@ class MlflowHandler:
         if record and record.get("tracking_uri") == uri and record.get("run_id"):
             self.run_id = record["run_id"]
             _retry(self.client.update_run, self.run_id, status="RUNNING")
+            self._catch_up(folder)
         else:
             self.run_id = self._create_run(folder, uri)
             folder.write_tracking({"tracker": "mlflow", "tracking_uri": uri, "run_id": self.run_id})
@@ -89,6 +90,16 @@ class MlflowHandler:
             if folder.file(name).exists():
                 _retry(self.client.log_artifact, self.run_id, str(folder.file(name)))
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
+
+    def _catch_up(self, folder: RunFolder) -> None:
+        """A resumed run: log the finished epochs its MLflow run missed (interrupted between
+        the checkpoint and the log)."""
+        if not folder.file(folder.HISTORY).exists():
+            return
+        logged = {m.step for m in _retry(self.client.get_metric_history, self.run_id, "seconds")}
+        for row in folder.read_history().to_dict("records"):
+            if int(row["epoch"]) not in logged:
+                self.epoch_ended(row)
 
     def _create_run(self, folder: RunFolder, uri: str) -> str:
         parent = os.environ.get(PARENT_ENV)
