@@ -81,7 +81,8 @@ def answer(model: TrainedModel, uploads: list[tuple[str, bytes]], *, cam: bool) 
             try:
                 decoded.append((i, decode_input(model, path)))
             except MedxferError as exc:
-                results[-1]["error"] = str(exc).removeprefix(f"{path}: ")
+                reason = str(exc).removeprefix(f"{path}: ")
+                results[-1]["error"] = reason.replace(str(path), name)  # not our temp path
     if decoded:
         _fill(model, results, decoded, cam=cam)
     return results
