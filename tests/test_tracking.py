@@ -122,3 +122,38 @@ mode = ["scratch", "transfer"]
         [epoch] = client.get_metric_history(child.info.run_id, "train_loss")
         assert epoch.step == 1 and epoch.value == pytest.approx(cell.read_history().train_loss[0])
     assert "results.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+WRITER = """
+import sys
+from mlflow.tracking import MlflowClient
+from medxfer.tracking import _log_batch, _retry
+client = _retry(MlflowClient, sys.argv[1])
+run = _retry(client.create_run, sys.argv[2], run_name=sys.argv[3])
+for step in range(1, 41):
+    _log_batch(client, run.info.run_id, metrics={"x": step / 40, "y": step}, step=step)
+_retry(client.set_terminated, run.info.run_id, "FINISHED")
+"""
+
+
+def test_two_processes_write_one_sqlite_store(tmp_path):
+    """Parallel writers: SQLite takes one at a time; every row of both arrives."""
+    import subprocess
+    import sys
+
+    from medxfer.tracking import _client, experiment, store_uri
+
+    uri = store_uri(None, tmp_path)
+    experiment_id = experiment(_client(uri), "parallel", uri, tmp_path)
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, uri, experiment_id, f"w{i}"])
+        for i in range(2)
+    ]
+    assert [w.wait(timeout=300) for w in writers] == [0, 0]
+    client = MlflowClient(uri)
+    runs = client.search_runs([experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["w0", "w1"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "x"))
+        assert history == [(s, s / 40) for s in range(1, 41)]

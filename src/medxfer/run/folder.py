@@ -36,6 +36,9 @@ class RunFolder:
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
+    def __str__(self) -> str:  # the path, as str(Path) gives: f"{run}" in messages and argv
+        return str(self.path)
+
     def __fspath__(self) -> str:
         return str(self.path)
 
