@@ -36,6 +36,7 @@ def test_transfer_run_writes_a_complete_run_folder(small_kermany, tmp_path):
         RunFolder.PREDICTIONS,
         RunFolder.MODEL,
         RunFolder.RELIABILITY,
+        RunFolder.MODEL_CARD,
     }
     config = json.loads((out / RunFolder.CONFIG).read_text())
     assert config["run"]["arch"] == "mobilenet_v2" and config["resolved"]["feature_cache"]

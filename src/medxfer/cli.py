@@ -49,6 +49,9 @@ TRAIN_HELP = {
     "limit_per_class": "use at most N images per class in each split (quick looks, tests)",
     "cache_dir": "cache of decoded images and features (default: $MEDXFER_CACHE or "
     "~/.cache/medxfer)",
+    "track": "experiment tracking: none or mlflow (params, every epoch, test metrics, files)",
+    "tracking_uri": "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite store "
+    "mlflow.db in the run folder)",
 }
 
 
@@ -204,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_dir", type=Path)
     p.set_defaults(handler=_report)
 
+    p = sub.add_parser("serve", help="a web page that runs a trained model on uploaded images")
+    p.add_argument("run", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="default: this machine only")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=_serve)
+
     p = sub.add_parser("weights", help="put weight files where torch's hub cache looks")
     p.add_argument("files", nargs="+", type=Path)
     p.set_defaults(handler=_weights)
@@ -258,12 +268,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from medxfer.api import train
     from medxfer.evaluation.metrics import HEADLINE
-    from medxfer.run.pipeline import train
 
-    cfg = config_from_args(args)
-    log = (lambda _msg: None) if args.quiet else print
-    folder = train(cfg, progress=not args.quiet, overwrite=args.overwrite, log=log)
+    cfg = config_from_args(args)  # every value checked before anything runs
+    folder = train(quiet=args.quiet, overwrite=args.overwrite, **cfg.to_dict())
     metrics = folder.read_metrics()
     test = metrics["test"]
     shown = " ".join(
@@ -377,12 +386,11 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from medxfer.inference.export import export_model
-    from medxfer.run.trained import TrainedModel
+    from medxfer.api import load
 
-    model = TrainedModel.load(args.run)
+    model = load(args.run)
     default = args.run / ("model.onnx" if args.format == "onnx" else "model.ts")
-    path = export_model(model, args.out or default, args.format, args.dynamic_batch)
+    path = model.export(args.out or default, args.format, dynamic_batch=args.dynamic_batch)
     print(f"wrote {path} and {path}.json")
     return 0
 
@@ -427,13 +435,13 @@ def _similarity(args: argparse.Namespace) -> int:
 
 
 def _study_run(args: argparse.Namespace) -> int:
-    from medxfer.study.execute import run_study
-    from medxfer.study.spec import load_study
+    from medxfer.api import run_study
 
-    study = load_study(args.study, args.set, args.grid)
     run_study(
-        study,
+        args.study,
         args.out,
+        overrides=args.set,
+        grid=args.grid,
         executor=args.executor,
         workers=args.workers,
         address=args.address,
@@ -461,6 +469,13 @@ def _report(args: argparse.Namespace) -> int:
 
     md, html = write_report(args.study_dir)
     print(f"wrote {md} and {html}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from medxfer.serve import serve
+
+    serve(args.run, host=args.host, port=args.port, device_name=args.device)
     return 0
 
 

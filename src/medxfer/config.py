@@ -18,6 +18,7 @@ AUGMENTATIONS = ("paper", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 CALIBRATIONS = ("none", "temperature")
 SELECTIONS = ("val_loss", "val_auc", "last")
+TRACKERS = ("none", "mlflow")
 
 
 @dataclass
@@ -60,9 +61,18 @@ class RunConfig:
     limit_per_class: int | None = None  # use at most this many images per class and split
     cache_dir: str | None = None
     max_pixels: int = MAX_PIXELS  # larger images are unreadable inputs (decompression bombs)
+    track: str = "none"  # none | mlflow: log params, epochs, metrics and files to MLflow
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a store in the run folder
 
     # Fields that do not change what a run computes; a run may resume under other values.
-    RESUMABLE_DIFFERENCES = ("out", "device", "cache_dir", "eval_batch_size")
+    RESUMABLE_DIFFERENCES = (
+        "out",
+        "device",
+        "cache_dir",
+        "eval_batch_size",
+        "track",
+        "tracking_uri",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,6 +123,7 @@ class RunConfig:
             ("optimizer", OPTIMIZERS),
             ("calibrate", CALIBRATIONS),
             ("select", SELECTIONS),
+            ("track", TRACKERS),
         ):
             if getattr(self, name) not in allowed:
                 raise MedxferError(

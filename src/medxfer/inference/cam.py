@@ -67,15 +67,24 @@ def grad_cam(
         return cam(input_tensor=image, targets=targets)
 
 
-def save_overlay(image: np.ndarray, heat: np.ndarray, path: Path) -> None:
-    """Write the heat map over the image (gray (H, W) or colour (3, H, W) uint8) as a PNG
-    (jet colours, 50% blend)."""
+def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """The heat map over the image (gray (H, W) or colour (3, H, W) uint8): (H, W, 3) uint8 RGB,
+    jet colours, 50% blend."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     rgb = image.transpose(1, 2, 0) if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
     rgb = rgb.astype(np.float32) / 255.0
-    overlay = show_cam_on_image(rgb, heat, use_rgb=True, image_weight=0.5)
-    write_with(path, lambda tmp: Image.fromarray(overlay).save(tmp, format="PNG"))
+    return show_cam_on_image(rgb, heat, use_rgb=True, image_weight=0.5)
+
+
+def overlays(
+    model: TrainedModel, pixels: torch.Tensor, cam_class: str | None = None
+) -> list[np.ndarray]:
+    """Grad-CAM overlays (H, W, 3) of decoded images ``pixels`` (the model's input format)."""
+    image = pixels.float().div(255.0)
+    image = image.unsqueeze(1) if image.ndim == 3 else image
+    heat = grad_cam(model.network, image, _cam_targets(model, pixels, cam_class))
+    return [overlay(pix, h) for pix, h in zip(pixels.numpy(), heat, strict=True)]
 
 
 def write_cams(
@@ -93,17 +102,14 @@ def write_cams(
     for start in range(0, len(files), 16):
         chunk = files[start : start + 16]
         pixels, _ = load_inputs(model, chunk)
-        image = pixels.float().div(255.0)
-        image = image.unsqueeze(1) if image.ndim == 3 else image
-        targets = _cam_targets(model, pixels, cam_class)
-        heat = grad_cam(model.network, image, targets)
-        for f, pix, h in zip(chunk, pixels.numpy(), heat, strict=True):
+        for f, picture in zip(chunk, overlays(model, pixels, cam_class), strict=True):
             name, n = f"{f.stem}_cam.png", 1
             while name in used:
                 n += 1
                 name = f"{f.stem}_{n}_cam.png"
             used.add(name)
-            save_overlay(pix, h, folder / name)
+            image = Image.fromarray(picture)
+            write_with(folder / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
             written.append(folder / name)
     return written
 

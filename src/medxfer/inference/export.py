@@ -16,6 +16,7 @@ from torch import nn
 
 from medxfer.atomic import write_json, write_with
 from medxfer.errors import MedxferError
+from medxfer.run.card import NOTICE, model_summary
 from medxfer.run.trained import TrainedModel
 
 
@@ -67,6 +68,8 @@ def export_model(model: TrainedModel, out: Path, fmt: str, dynamic_batch: bool =
             },
             "output": {"name": "probability", "shape": output_shape, "meaning": meaning},
             **model.describe(),
+            "notice": NOTICE,
+            "model_card": model_summary(model),
         },
     )
     return out

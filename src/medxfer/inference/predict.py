@@ -9,7 +9,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medxfer.data.images import MAX_PIXELS, is_image_file, load_image
+from medxfer.data.images import (
+    MAX_PIXELS,
+    as_color,
+    is_image_file,
+    load_image,
+    resize_square,
+    to_model_layout,
+    to_uint8,
+)
 from medxfer.errors import MedxferError
 from medxfer.run.trained import TrainedModel
 
@@ -32,15 +40,19 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
+Input = str | Path | np.ndarray
+
+
 def load_inputs(
-    model: TrainedModel, files: list[Path], max_pixels: int = MAX_PIXELS
+    model: TrainedModel, files: list[Input], max_pixels: int = MAX_PIXELS
 ) -> tuple[torch.Tensor, list[str | None]]:
-    """Decoded images of ``files`` in the model's input format, and per file its error (None
-    for those that decoded; they are the rows of the tensor, in order)."""
+    """Decoded images of ``files`` (paths, or arrays already in memory) in the model's input
+    format, and per input its error (None for those that decoded; they are the rows of the
+    tensor, in order)."""
     pixels, errors = [], []
     for f in files:
         try:
-            pixels.append(load_image(f, model.resolution, model.color, max_pixels=max_pixels))
+            pixels.append(decode_input(model, f, max_pixels))
             errors.append(None)
         except MedxferError as exc:
             errors.append(str(exc).removeprefix(f"{f}: "))
@@ -53,9 +65,26 @@ def load_inputs(
     return stacked, errors
 
 
+def decode_input(model: TrainedModel, item: Input, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """One input at the model's resolution and colour: a file, or an array (H, W) or (H, W, 3)
+    of uint8 (as it is) or uint16 (scaled by its own range, as 16-bit PNGs are)."""
+    if not isinstance(item, np.ndarray):
+        return load_image(item, model.resolution, model.color, max_pixels=max_pixels)
+    if item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] != 3):
+        raise MedxferError(f"array of shape {item.shape}: expected (H, W) or (H, W, 3)")
+    if item.dtype not in (np.uint8, np.uint16):
+        raise MedxferError(f"array of dtype {item.dtype}: expected uint8 or uint16")
+    image = item if item.dtype == np.uint8 else to_uint8(item.astype(np.float64))
+    return to_model_layout(resize_square(as_color(image, model.color), model.resolution))
+
+
+def input_name(item: Input, index: int) -> str:
+    return f"array {index}" if isinstance(item, np.ndarray) else str(item)
+
+
 def predict_files(
     model: TrainedModel,
-    files: list[Path],
+    files: list[Input],
     *,
     threshold: float | None = None,
     batch_size: int | None = None,
@@ -68,7 +97,7 @@ def predict_files(
     prob = model.probabilities(pixels, batch_size)
     cut = None if threshold is None else [float(threshold)] * model.task.outputs
     decided = model.task.names(model.decide(prob, cut)) if len(prob) else []
-    frame = pd.DataFrame({"file": [str(f) for f in files]})
+    frame = pd.DataFrame({"file": [input_name(f, i) for i, f in enumerate(files)]})
     ok = np.array([e is None for e in errors], dtype=bool)
     columns = (
         {"probability": prob}

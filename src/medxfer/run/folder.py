@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from medxfer.atomic import write_json, write_with
+from medxfer.atomic import write_json, write_text, write_with
 from medxfer.config import RunConfig
 from medxfer.errors import MedxferError
 
@@ -26,7 +26,9 @@ class RunFolder:
     MODEL = "model.pt"
     CHECKPOINT = "checkpoint.pt"
     RELIABILITY = "reliability.png"
-    FILES = (CONFIG, HISTORY, METRICS, PREDICTIONS, MODEL, RELIABILITY)
+    MODEL_CARD = "model_card.md"
+    TRACKING = "tracking.json"  # the experiment tracker's run id, so a resumed run continues it
+    FILES = (CONFIG, HISTORY, METRICS, PREDICTIONS, MODEL, RELIABILITY, MODEL_CARD)
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -34,7 +36,7 @@ class RunFolder:
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # the path, as str(Path) gives: f"{run}" in messages and argv
         return str(self.path)
 
     def __fspath__(self) -> str:
@@ -83,6 +85,14 @@ class RunFolder:
             frame.insert(0, "split", "test")
         return frame if split is None else frame[frame.split == split].reset_index(drop=True)
 
+    def read_tracking(self) -> dict[str, Any] | None:
+        """The tracker's record of this run (None when it was never tracked)."""
+        path = self.file(self.TRACKING)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def read_model_card(self) -> str:
+        return self.file(self.MODEL_CARD).read_text()
+
     def _config_json(self) -> dict[str, Any]:
         path = self.file(self.CONFIG)
         if not path.exists():
@@ -110,6 +120,12 @@ class RunFolder:
 
     def write_file(self, name: str, writer: Callable[[Path], None]) -> None:
         write_with(self.file(name), writer)
+
+    def write_tracking(self, record: dict[str, Any]) -> None:
+        write_json(self.file(self.TRACKING), record)
+
+    def write_model_card(self, text: str) -> None:
+        write_text(self.file(self.MODEL_CARD), text)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """Written last: marks the run complete."""

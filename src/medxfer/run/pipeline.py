@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,9 +35,11 @@ from medxfer.figures import reliability_diagram
 from medxfer.locking import run_folder_lock
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import create_model, weights_digest
+from medxfer.run.card import write_model_card
 from medxfer.run.folder import RunFolder
 from medxfer.run.trained import TrainedModel
 from medxfer.tasks import Task, make_task
+from medxfer.tracking import Handler, configured_handlers
 from medxfer.training.features import (
     FeatureCache,
     View,
@@ -94,9 +96,15 @@ class Assessment:
 
 # -- the pipeline --------------------------------------------------------------------------
 def train(
-    cfg: RunConfig, *, progress: bool = True, overwrite: bool = False, log: Log = print
+    cfg: RunConfig,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    log: Log = print,
+    handlers: Sequence[Handler] = (),
 ) -> RunFolder:
-    """Train (or resume, or skip if finished) the run described by ``cfg``; return its folder."""
+    """Train (or resume, or skip if finished) the run described by ``cfg``; return its folder.
+    ``handlers`` (and those ``cfg.track`` asks for) hear of the start, each epoch and the end."""
     folder = RunFolder(cfg.out)
     if folder.is_complete() and not overwrite:
         folder.check_same(cfg)
@@ -104,19 +112,28 @@ def train(
         return folder
     runtime = validate(cfg, progress)
     with run_folder_lock(folder.path):  # a second process on this folder stops here
-        return _train_locked(folder, cfg, runtime, overwrite=overwrite, log=log)
+        return _train_locked(folder, cfg, runtime, overwrite=overwrite, log=log, handlers=handlers)
 
 
 def _train_locked(
-    folder: RunFolder, cfg: RunConfig, runtime: Runtime, *, overwrite: bool, log: Log
+    folder: RunFolder,
+    cfg: RunConfig,
+    runtime: Runtime,
+    *,
+    overwrite: bool,
+    log: Log,
+    handlers: Sequence[Handler],
 ) -> RunFolder:
     ctx = load_data(cfg, runtime)
     network = build_network(ctx)
     state = resume(folder, ctx, network, overwrite, log)
     started = time.perf_counter()
     folder.write_config(cfg, resolved(ctx))
+    handlers = [*handlers, *configured_handlers(cfg)]
+    for handler in handlers:
+        handler.started(folder, cfg)
     inputs = prepare_inputs(ctx, network, adapted=state.epoch > 0)
-    state = fit_stage(ctx, network, inputs, state, folder, log=log)
+    state = fit_stage(ctx, network, inputs, state, folder, log=log, handlers=handlers)
     inputs.trainable.load_state_dict(state.best_state)  # strict: the selected epoch exactly
     outcome = assess(ctx, network, inputs, state)
     outcome.metrics["seconds"] = {
@@ -126,6 +143,8 @@ def _train_locked(
     }
     write(folder, outcome)
     folder.file(RunFolder.CHECKPOINT).unlink(missing_ok=True)
+    for handler in handlers:
+        handler.finished(folder, outcome.metrics)
     return folder
 
 
@@ -232,6 +251,7 @@ def fit_stage(
     folder: RunFolder,
     *,
     log: Log,
+    handlers: Sequence[Handler] = (),
 ) -> TrainState:
     """The epoch loop; after each epoch the history and a checkpoint of the whole network
     (a head-only source trains the network's own head) are written."""
@@ -250,6 +270,8 @@ def fit_stage(
             RunFolder.CHECKPOINT,
             lambda tmp: torch.save({"state": s.__dict__, "model": network.state_dict()}, tmp),
         )
+        for handler in handlers:
+            handler.epoch_ended(s.history[-1])
 
     return fit(
         inputs.source,
@@ -318,6 +340,7 @@ def write(folder: RunFolder, outcome: Assessment) -> None:
     folder.write_predictions(outcome.predictions)
     outcome.model.save(folder.file(RunFolder.MODEL))
     folder.write_file(RunFolder.RELIABILITY, lambda tmp: reliability_diagram(outcome.curves, tmp))
+    write_model_card(folder, outcome)
     folder.write_metrics(outcome.metrics)
 
 

@@ -3,11 +3,13 @@ points, temperature, input format). The only code that knows ``model.pt``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from medxfer.atomic import write_with
@@ -29,6 +31,7 @@ class TrainedModel:
     thresholds: list[float] | None = None  # binary: [t]; multilabel: one per label
     temperature: float = 1.0
     color: str = "gray"  # input channels: gray (1) or rgb (3)
+    source: Path | None = None  # the run folder it was loaded from, if any
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -95,6 +98,7 @@ class TrainedModel:
             saved.get("thresholds"),
             float(saved.get("temperature", 1.0)),
             saved.get("color", "gray"),
+            source=path.parent if (path.parent / RunFolder.CONFIG).exists() else None,
         )
 
     # -- use ----------------------------------------------------------------------------
@@ -124,6 +128,36 @@ class TrainedModel:
         """Class indices (binary, multiclass) or a 0/1 matrix (multilabel), at the stored
         operating points unless ``thresholds`` overrides them."""
         return self.task.decide(prob, thresholds if thresholds is not None else self.thresholds)
+
+    # -- the Python API's verbs (thin: the work lives in medxfer.inference) ---------------
+    def predict(
+        self, inputs: Sequence[str | Path | np.ndarray], *, threshold: float | None = None
+    ) -> pd.DataFrame:
+        """Rows like ``medxfer predict``'s: ``file``, probabilities, ``predicted``, ``error``.
+        ``inputs`` are image files or arrays (H, W) / (H, W, 3) of uint8 or uint16."""
+        from medxfer.inference.predict import predict_files
+
+        items = [x if isinstance(x, np.ndarray) else Path(x) for x in inputs]
+        return predict_files(self, items, threshold=threshold)
+
+    def cam(
+        self, paths: Sequence[str | Path], out_dir: str | Path, cam_class: str | None = None
+    ) -> list[Path]:
+        """A Grad-CAM overlay ``NAME_cam.png`` per image in ``out_dir``; the written paths."""
+        from medxfer.inference.cam import write_cams
+
+        return write_cams(self, [Path(p) for p in paths], Path(out_dir), cam_class)
+
+    def export(self, path: str | Path, format: str = "onnx", *, dynamic_batch: bool = True) -> Path:
+        """``format`` onnx or torchscript at ``path`` (+ ``.json`` metadata with the model card
+        summary); also logged to the run's MLflow run when the run was tracked."""
+        from medxfer.inference.export import export_model
+        from medxfer.tracking import log_files
+
+        out = export_model(self, Path(path), format, dynamic_batch)
+        if self.source is not None:
+            log_files(RunFolder(self.source), [out, Path(f"{out}.json")])
+        return out
 
     def describe(self) -> dict[str, Any]:
         """What a client needs to know beside the network (export metadata, the serve page)."""

@@ -22,6 +22,7 @@ from medxfer.run.folder import RunFolder
 from medxfer.study.compare import save_settings, write_comparisons
 from medxfer.study.spec import Cell, Study
 from medxfer.study.table import write_results
+from medxfer.tracking import study_tracking
 
 EXECUTORS = ("local", "ray")
 
@@ -68,13 +69,14 @@ def run_study(
         f"{sum(RunFolder(o).is_complete() for *_, o in jobs)} already finished"
     )
     started = time.perf_counter()
-    if executor == "local":
-        _run_local(jobs, lock_dir, workers, out, study, log)
-    elif executor == "ray":
-        _run_ray(jobs, lock_dir, address, cpus_per_cell, gpus_per_cell, out, study, log)
-    else:
+    if executor not in EXECUTORS:
         raise MedxferError(f"--executor {executor!r}: choose {' or '.join(EXECUTORS)}")
-    path = write_results(out, study)
+    with study_tracking(study.name, out, study.base):  # a parent run when the cells track
+        if executor == "local":
+            _run_local(jobs, lock_dir, workers, out, study, log)
+        else:
+            _run_ray(jobs, lock_dir, address, cpus_per_cell, gpus_per_cell, out, study, log)
+        path = write_results(out, study)
     pairs = write_comparisons(out, study.compare)
     log(
         f"study {study.name}: finished in {time.perf_counter() - started:.0f} s; "

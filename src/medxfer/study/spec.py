@@ -72,6 +72,9 @@ def load_study(
     except tomllib.TOMLDecodeError as exc:
         raise MedxferError(f"{source}: invalid TOML ({exc})") from None
     meta, base, grid = raw.get("study", {}), dict(raw.get("base", {})), raw.get("grid", {})
+    for key in ("track", "tracking_uri"):  # [study] track = "mlflow": every cell tracks
+        if key in meta:
+            base.setdefault(key, meta[key])
     for item in overrides or []:
         key, _, value = item.partition("=")
         base[key.strip().replace("-", "_")] = _parse_value(value.strip())
