@@ -37,7 +37,9 @@ def main() -> None:
     splits = {"train": torch.arange(args.images)}
 
     model = create_model(ModelSpec(args.arch, mode="scratch")).to(memory_format=torch.channels_last)
-    source = ImageSource(model, pixels, device, get_augmentation("paper"), 0, 8)
+    source = ImageSource(
+        model, pixels, device, get_augmentation("paper"), seed=0, eval_batch_size=8
+    )
     opt = build_optimizer(model.parameters(), "adam", 1e-3, 0.0, 0.9)
 
     def ours() -> None:

@@ -44,7 +44,9 @@ def test_scratch_mobilenet_is_no_constant_in_eval_mode(tmp_path):
     )
     torch.manual_seed(0)
     model = create_model(ModelSpec("mobilenet_v2", mode="scratch"))
-    source = ImageSource(model, data.pixels, CPU, get_augmentation("paper"), 0, 50)
+    source = ImageSource(
+        model, data.pixels, CPU, get_augmentation("paper"), seed=0, eval_batch_size=50
+    )
     optimizer = build_optimizer(model.parameters(), "adam", 1e-3, 0.0, 0.9)
     fit(
         source,
@@ -96,7 +98,7 @@ def test_frozen_layers_keep_their_imagenet_statistics(tmp_path):
     )
     model = create_model(ModelSpec("mobilenet_v2", mode="partial", trainable_stages=1))
     before = copy.deepcopy(model)
-    source = ImageSource(model, data.pixels, CPU, None, 0, 8)
+    source = ImageSource(model, data.pixels, CPU, None, seed=0, eval_batch_size=8)
     reestimate_batchnorm(model, source, data.splits["train"], batch_size=4, device=CPU, amp=None)
     after, imagenet = _norms(model), _norms(before)
     for name, norm in after.items():

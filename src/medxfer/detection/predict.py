@@ -53,7 +53,7 @@ def predict_boxes(
         keep = found["scores"] >= min_score
         boxes, scores = found["boxes"][keep].cpu(), found["scores"][keep].cpu()
         names = [spec.classes[i - 1] for i in found["labels"][keep].tolist()]
-        _draw(image, boxes, names, scores, spec, out / f"{file.stem}.png")
+        _draw(image, boxes, names, scores, spec=spec, target=out / f"{file.stem}.png")
         for name, score, box in zip(names, scores.tolist(), (boxes / scale).tolist(), strict=True):
             rows.append([str(file), name, round(score, 4), *(round(v, 1) for v in box)])
     frame = pd.DataFrame(rows, columns=COLUMNS)
@@ -62,7 +62,7 @@ def predict_boxes(
     return frame
 
 
-def _draw(image, boxes, names, scores, spec: DetectorSpec, target: Path) -> None:
+def _draw(image, boxes, names, scores, *, spec: DetectorSpec, target: Path) -> None:
     """The boxes at the working resolution (the image as the detector saw it)."""
     colours = [COLOURS[spec.classes.index(n) % len(COLOURS)] for n in names]
     labels = [f"{n} {s:.2f}" for n, s in zip(names, scores.tolist(), strict=True)]

@@ -232,13 +232,24 @@ def prepare_inputs(ctx: Context, network: XrayClassifier, adapted: bool) -> Inpu
     augmentation = get_augmentation(cfg.augment)
     if not cfg.uses_feature_cache:
         source = ImageSource(
-            network, data.pixels, runtime.device, augmentation, cfg.seed, runtime.batch_size
+            network,
+            data.pixels,
+            runtime.device,
+            augmentation,
+            seed=cfg.seed,
+            eval_batch_size=runtime.batch_size,
         )
         return Inputs(source)
     started = time.perf_counter()
     clean, clean_idx, views = _cached_features(ctx, network, augmentation)
     source = FeatureSource(
-        network.head, clean, clean_idx, views, data.splits["train"], runtime.device, cfg.seed
+        network.head,
+        clean,
+        clean_idx,
+        views=views,
+        train_index=data.splits["train"],
+        device=runtime.device,
+        seed=cfg.seed,
     )
     return Inputs(source, time.perf_counter() - started)
 

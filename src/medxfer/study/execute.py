@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -71,11 +72,12 @@ def run_study(
     started = time.perf_counter()
     if executor not in EXECUTORS:
         raise MedxferError(f"--executor {executor!r}: choose {' or '.join(EXECUTORS)}")
+    plan = Plan(jobs, lock_dir, out, study, log)
     with study_tracking(study.name, out, study.base):  # a parent run when the cells track
         if executor == "local":
-            _run_local(jobs, lock_dir, workers, out, study, log)
+            _run_local(plan, workers)
         else:
-            _run_ray(jobs, lock_dir, address, cpus_per_cell, gpus_per_cell, out, study, log)
+            _run_ray(plan, address, cpus_per_cell, gpus_per_cell)
         path = write_results(out, study)
     pairs = write_comparisons(out, study.compare)
     log(
@@ -85,7 +87,20 @@ def run_study(
     return path
 
 
-def _run_local(jobs, lock_dir: str, workers: int, out: Path, study: Study, log) -> None:
+@dataclass
+class Plan:
+    """The cells to run (cell, options, run folder), where their locks live, and where the
+    study's tables go."""
+
+    jobs: list[tuple[Cell, dict, str]]
+    lock_dir: str
+    out: Path
+    study: Study
+    log: Callable[[str], None]
+
+
+def _run_local(plan: Plan, workers: int) -> None:
+    jobs, lock_dir, out, study, log = plan.jobs, plan.lock_dir, plan.out, plan.study, plan.log
     if workers <= 1:
         for cell, options, run_out in jobs:
             log(f"{cell.name}: {run_cell(options, run_out, lock_dir)}")
@@ -102,16 +117,8 @@ def _run_local(jobs, lock_dir: str, workers: int, out: Path, study: Study, log) 
             write_results(out, study)
 
 
-def _run_ray(
-    jobs,
-    lock_dir: str,
-    address: str | None,
-    cpus: float | None,
-    gpus: float,
-    out: Path,
-    study: Study,
-    log,
-) -> None:
+def _run_ray(plan: Plan, address: str | None, cpus: float | None, gpus: float) -> None:
+    jobs, lock_dir, out, study, log = plan.jobs, plan.lock_dir, plan.out, plan.study, plan.log
     try:
         import ray
     except ImportError:

@@ -32,6 +32,7 @@ class ImageSource:
         pixels: torch.Tensor,
         device: torch.device,
         aug: Augmentation | None,
+        *,
         seed: int,
         eval_batch_size: int,
     ) -> None:
@@ -62,6 +63,7 @@ class FeatureSource:
         head: HeadOnly,
         clean: torch.Tensor,
         clean_index: torch.Tensor,
+        *,
         views: torch.Tensor | None,
         train_index: torch.Tensor,
         device: torch.device,
