@@ -29,7 +29,7 @@ def _entries(folder: Path) -> list[Path]:
 
 
 def _quiet_train(cfg):
-    from medxfer.runner import train
+    from medxfer.run.pipeline import train
 
     return train(cfg, progress=False, log=lambda _: None)
 
