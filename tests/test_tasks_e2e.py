@@ -1,0 +1,200 @@
+"""Every task through every command on real images: three-class Kermany (NORMAL / BACTERIA /
+VIRUS), a multi-label set built from Kermany images, a colour set (BCCD blood-cell photos), and
+the binary path's metrics recomputed independently from its predictions.csv."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from medxfer.cli import main
+from medxfer.config import RunConfig
+from medxfer.data.images import load_image
+from medxfer.data.manifest import KERMANY_SUBTYPE_REGEX, write_manifest
+from medxfer.errors import MedxferError
+from medxfer.inference.predict import predict_files
+from medxfer.run.folder import RunFolder
+from medxfer.run.pipeline import evaluate, train
+from medxfer.run.trained import TrainedModel
+from tests.conftest import KERMANY, SHARED
+
+pytestmark = pytest.mark.integration
+
+SIZE = 64
+QUIET = {"progress": False, "log": lambda _: None}
+BCCD_JPEGS = SHARED / "data" / "bccd" / "BCCD" / "JPEGImages"
+
+
+def _kermany_files(split: str, kind: str, n: int) -> list[Path]:
+    """The first ``n`` Kermany files of a kind: NORMAL, bacteria or virus."""
+    folder = KERMANY / split / ("NORMAL" if kind == "NORMAL" else "PNEUMONIA")
+    files = sorted(folder.iterdir())
+    if kind != "NORMAL":
+        files = [f for f in files if f"_{kind}_" in f.name]
+    return files[:n]
+
+
+def _three_class_folder(dest: Path, per_split: dict[str, int]) -> Path:
+    """A Kermany-layout folder (NORMAL / PNEUMONIA) holding NORMAL, bacterial and viral images."""
+    for split, n in per_split.items():
+        for kind in ("NORMAL", "bacteria", "virus"):
+            target = dest / split / ("NORMAL" if kind == "NORMAL" else "PNEUMONIA")
+            target.mkdir(parents=True, exist_ok=True)
+            for f in _kermany_files(split, kind, n):
+                shutil.copy(f, target / f.name)
+    return dest
+
+
+def _config(data: Path, out: Path, **extra) -> RunConfig:
+    values = dict(image_size=SIZE, epochs=2, bootstrap=50, batch_size=16)
+    return RunConfig(data=str(data), out=str(out), **{**values, **extra})
+
+
+def _probability_columns(frame: pd.DataFrame, classes) -> np.ndarray:
+    return frame[[f"probability_{c}" for c in classes]].to_numpy()
+
+
+# -- three classes -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def three_class(tmp_path_factory) -> tuple[Path, RunFolder]:
+    """The manifest of a real three-class subset, and a transfer run trained on it."""
+    root = tmp_path_factory.mktemp("kermany3")
+    _three_class_folder(root / "images", {"train": 14, "test": 6})
+    manifest = root / "kermany3.csv"
+    counts = write_manifest(root / "images", manifest, label_from_name=KERMANY_SUBTYPE_REGEX)
+    assert counts == {
+        s: {"NORMAL": n, "BACTERIA": n, "VIRUS": n} for s, n in (("train", 14), ("test", 6))
+    }
+    run = train(_config(manifest, root / "run", val_fraction=0.25), **QUIET)
+    return manifest, run
+
+
+def test_three_class_run_metrics(three_class):
+    _, run = three_class
+    metrics = run.read_metrics()
+    classes = ["BACTERIA", "NORMAL", "VIRUS"]
+    assert metrics["task"] == "multiclass" and metrics["classes"] == classes
+    assert metrics["thresholds"] is None and metrics["positive"] is None
+    model = TrainedModel.load(run)
+    assert model.network.head.linear.out_features == 3
+    test = metrics["test"]
+    rows = run.read_predictions("test")
+    assert len(rows) == test["n"] == 18
+    y = np.array([classes.index(c) for c in rows.label])
+    prob = _probability_columns(rows, classes)
+    np.testing.assert_allclose(prob.sum(1), 1, atol=1e-6)
+    pred = prob.argmax(1)
+    assert list(rows.predicted) == [classes[i] for i in pred]
+    assert test["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert test["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert test["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    auc = pytest.approx
+    # predictions.csv rounds nothing, but its probabilities went through text: 1e-6 is plenty
+    assert test["macro_roc_auc"] == auc(roc_auc_score(y, prob, multi_class="ovr"), abs=1e-6)
+    assert test["weighted_roc_auc"] == auc(
+        roc_auc_score(y, prob, multi_class="ovr", average="weighted"), abs=1e-6
+    )
+    assert test["loss"] == auc(log_loss(y, prob, labels=[0, 1, 2]), abs=1e-6)
+    assert test["confusion_matrix"] == confusion_matrix(y, pred, labels=[0, 1, 2]).tolist()
+    for c, name in enumerate(classes):
+        per = test["per_class"][name]
+        assert per["support"] == 6
+        assert per["recall"] == pytest.approx(recall_score(y == c, pred == c, zero_division=0))
+        assert per["precision"] == pytest.approx(
+            precision_score(y == c, pred == c, zero_division=0)
+        )
+    # intervals resample patients (Kermany names carry them), and bracket the estimate
+    assert "patient" in test["interval_method"]["method"]
+    assert test["interval_method"]["clusters"] == rows.patient.nunique() < len(rows)
+    lo, hi = test["ci95"]["balanced_accuracy"]
+    assert lo <= test["balanced_accuracy"] <= hi
+    # the model file says what the run was
+    assert model.task.name == "multiclass" and model.classes == tuple(classes)
+
+
+def test_three_class_refuses_thresholds_and_positive(three_class, tmp_path, capsys):
+    manifest, _ = three_class
+    for extra, word in (
+        (["--threshold", "youden"], "--threshold"),
+        (["--positive", "VIRUS"], "--positive"),
+    ):
+        args = ["train", "--data", str(manifest), "--out", str(tmp_path / "r"), "--quiet"]
+        code = main([*args, "--image-size", "64", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and word in err[0], err
+        assert "multi-class" in err[0] or "multiclass" in err[0]
+        assert not (tmp_path / "r").exists()
+
+
+def test_three_class_evaluate_predict_cam_export(three_class, tmp_path):
+    manifest, run = three_class
+    metrics = run.read_metrics()
+    again = evaluate(run, str(manifest), progress=False)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "loss"):
+        assert again[key] == pytest.approx(metrics["test"][key], abs=1e-6), key
+    assert again["confusion_matrix"] == metrics["test"]["confusion_matrix"]
+
+    stored = run.read_predictions("test")
+    files = [Path(f) for f in stored.file[:6]]
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(run.path), *map(str, files), "--out", str(out), "--quiet"]) == 0
+    rows = pd.read_csv(out)
+    classes = list(metrics["classes"])
+    prob = _probability_columns(rows, classes)
+    np.testing.assert_allclose(prob.sum(1), 1, atol=1e-6)
+    np.testing.assert_allclose(prob, _probability_columns(stored[:6], classes), atol=1e-5)
+    assert list(rows.predicted) == [classes[i] for i in prob.argmax(1)]
+
+    cams = tmp_path / "cams"
+    assert main(["predict", str(run.path), str(files[0]), "--cam", str(cams), "--quiet"]) == 0
+    virus = tmp_path / "cams_virus"
+    args = ["predict", str(run.path), str(files[0]), "--cam", str(virus), "--cam-class", "VIRUS"]
+    assert main([*args, "--quiet"]) == 0
+    predicted, explained = (
+        np.asarray(Image.open(d / f"{files[0].stem}_cam.png")) for d in (cams, virus)
+    )
+    assert predicted.shape == explained.shape == (SIZE, SIZE, 3)
+    if rows.predicted[0] != "VIRUS":  # another class's map is another picture
+        assert not np.array_equal(predicted, explained)
+    assert (
+        main(["predict", str(run.path), str(files[0]), "--cam", str(virus), "--cam-class", "X"])
+        == 2
+    )
+
+    _check_onnx(run, files, tmp_path / "model.onnx", (len(files), 3))
+
+
+def _check_onnx(run: RunFolder, files: list[Path], out: Path, shape: tuple[int, ...]) -> dict:
+    """Export, run in onnxruntime, compare with PyTorch's probabilities; return the metadata."""
+    import onnxruntime as ort
+
+    assert main(["export", str(run.path), "--format", "onnx", "--out", str(out)]) == 0
+    model = TrainedModel.load(run)
+    pixels = np.stack([load_image(f, model.resolution, model.color) for f in files])
+    image = (pixels[:, None] if pixels.ndim == 3 else pixels).astype(np.float32) / 255
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    onnx_prob = session.run(None, {"image": image})[0]
+    assert onnx_prob.shape == shape
+    np.testing.assert_allclose(onnx_prob, model.probabilities(torch.from_numpy(pixels)), atol=1e-4)
+    meta = json.loads(Path(f"{out}.json").read_text())
+    assert meta["input"]["shape"] == ["batch", model.channels, SIZE, SIZE]
+    assert meta["classes"] == list(model.classes) and meta["task"] == model.task.name
+    return meta
