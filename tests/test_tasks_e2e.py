@@ -29,8 +29,6 @@ from medxfer.cli import main
 from medxfer.config import RunConfig
 from medxfer.data.images import load_image
 from medxfer.data.manifest import KERMANY_SUBTYPE_REGEX, write_manifest
-from medxfer.errors import MedxferError
-from medxfer.inference.predict import predict_files
 from medxfer.run.folder import RunFolder
 from medxfer.run.pipeline import evaluate, train
 from medxfer.run.trained import TrainedModel
@@ -198,3 +196,105 @@ def _check_onnx(run: RunFolder, files: list[Path], out: Path, shape: tuple[int, 
     assert meta["input"]["shape"] == ["batch", model.channels, SIZE, SIZE]
     assert meta["classes"] == list(model.classes) and meta["task"] == model.task.name
     return meta
+
+
+# -- multi-label ---------------------------------------------------------------------------
+ML_LABELS = {"NORMAL": [0, 0], "bacteria": [1, 1], "virus": [1, 0]}  # pneumonia, bacterial
+
+
+def _multilabel_npz(path: Path) -> Path:
+    """ChestMNIST-like arrays from real Kermany images: labels (N, 2) = pneumonia, bacterial.
+    Validation images come from train files after those used for training."""
+    arrays = {}
+    for split, source, start, n in (
+        ("train", "train", 0, 12),
+        ("val", "train", 12, 6),
+        ("test", "test", 0, 6),
+    ):
+        images, labels = [], []
+        for kind, label in ML_LABELS.items():
+            for f in _kermany_files(source, kind, start + n)[start:]:
+                gray = Image.open(f).convert("L").resize((SIZE, SIZE), Image.BILINEAR)
+                images.append(np.asarray(gray))
+                labels.append(label)
+        arrays[f"{split}_images"] = np.stack(images)
+        arrays[f"{split}_labels"] = np.array(labels, dtype=np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def multilabel(tmp_path_factory) -> tuple[Path, RunFolder]:
+    root = tmp_path_factory.mktemp("multilabel")
+    data = _multilabel_npz(root / "chest.npz")
+    run = train(_config(data, root / "run", val_fraction=0, threshold="youden"), **QUIET)
+    return data, run
+
+
+def _label_matrix(names: pd.Series, labels: list[str]) -> np.ndarray:
+    sets = [set(s.split("|")) if isinstance(s, str) else set() for s in names]
+    return np.array([[name in s for name in labels] for s in sets], dtype=int)
+
+
+def _youden_j(y: np.ndarray, prob: np.ndarray, cut: float) -> float:
+    pred = prob >= cut
+    return pred[y == 1].mean() - pred[y == 0].mean()
+
+
+def test_multilabel_run_thresholds_and_metrics(multilabel):
+    _, run = multilabel
+    metrics = run.read_metrics()
+    labels = ["0", "1"]
+    assert metrics["task"] == "multilabel" and metrics["classes"] == labels
+    thresholds = metrics["thresholds"]
+    assert len(thresholds) == 2 and metrics["threshold_rule"] == "youden"
+    model = TrainedModel.load(run)
+    assert model.thresholds == thresholds and model.network.head.linear.out_features == 2
+    # each label's threshold is a Youden-optimal cut of that label's validation probabilities
+    val = run.read_predictions("val")
+    y_val, p_val = _label_matrix(val.label, labels), _probability_columns(val, labels)
+    for j, cut in enumerate(thresholds):
+        best = max(_youden_j(y_val[:, j], p_val[:, j], c) for c in np.unique(p_val[:, j]))
+        assert _youden_j(y_val[:, j], p_val[:, j], cut) == pytest.approx(best)
+        assert np.isclose(p_val[:, j], cut, atol=1e-9).any()
+    # per-label and macro metrics against scikit-learn on the stored test predictions
+    rows = run.read_predictions("test")
+    y, prob = _label_matrix(rows.label, labels), _probability_columns(rows, labels)
+    assert y.tolist() == [v for v in ML_LABELS.values() for _ in range(6)]
+    decided = (prob >= np.asarray(thresholds)).astype(int)
+    assert _label_matrix(rows.predicted, labels).tolist() == decided.tolist()
+    test = metrics["test"]
+    for j, name in enumerate(labels):
+        per = test["per_label"][name]
+        assert per["roc_auc"] == pytest.approx(roc_auc_score(y[:, j], prob[:, j]), abs=1e-6)
+        ap = average_precision_score(y[:, j], prob[:, j])
+        assert per["average_precision"] == pytest.approx(ap, abs=1e-6)
+        assert per["f1"] == pytest.approx(f1_score(y[:, j], decided[:, j]))
+        assert per["threshold"] == thresholds[j]
+    assert test["macro_roc_auc"] == pytest.approx(roc_auc_score(y, prob, average="macro"), abs=1e-6)
+    ap = average_precision_score(y, prob, average="macro")
+    assert test["macro_average_precision"] == pytest.approx(ap, abs=1e-6)
+    assert test["macro_f1"] == pytest.approx(f1_score(y, decided, average="macro"))
+    # no patients in an .npz: intervals resample images
+    assert test["interval_method"]["method"] == "image bootstrap"
+
+
+def test_multilabel_evaluate_predict_export(multilabel, tmp_path):
+    data, run = multilabel
+    metrics = run.read_metrics()
+    again = evaluate(run.path, str(data), progress=False)
+    for key in ("macro_roc_auc", "macro_average_precision", "macro_f1", "loss"):
+        assert again[key] == pytest.approx(metrics["test"][key], abs=1e-6), key
+
+    files = [f for kind in ML_LABELS for f in _kermany_files("test", kind, 2)]
+    out = tmp_path / "pred.json"
+    assert main(["predict", str(run.path), *map(str, files), "--out", str(out), "--quiet"]) == 0
+    rows = pd.DataFrame(json.loads(out.read_text()))
+    model = TrainedModel.load(run)
+    pixels = torch.from_numpy(np.stack([load_image(f, SIZE, "gray") for f in files]))
+    prob = _probability_columns(rows, ["0", "1"])
+    np.testing.assert_allclose(prob, model.probabilities(pixels), atol=1e-6)
+    decided = prob >= np.asarray(metrics["thresholds"])
+    assert list(rows.predicted) == ["|".join(n for n, on in zip("01", d) if on) for d in decided]
+
+    _check_onnx(run, files, tmp_path / "model.onnx", (len(files), 2))
