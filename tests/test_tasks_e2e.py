@@ -295,6 +295,73 @@ def test_multilabel_evaluate_predict_export(multilabel, tmp_path):
     prob = _probability_columns(rows, ["0", "1"])
     np.testing.assert_allclose(prob, model.probabilities(pixels), atol=1e-6)
     decided = prob >= np.asarray(metrics["thresholds"])
-    assert list(rows.predicted) == ["|".join(n for n, on in zip("01", d) if on) for d in decided]
+    assert list(rows.predicted) == [
+        "|".join(n for n, on in zip("01", d, strict=True) if on) for d in decided
+    ]
 
     _check_onnx(run, files, tmp_path / "model.onnx", (len(files), 2))
+
+
+# -- colour ----------------------------------------------------------------------------------
+def test_colour_images_stay_colour_through_every_command(tmp_path):
+    """BCCD blood-smear photos under two made-up classes: colour is detected, the network
+    takes three channels, and predict and export keep them."""
+    photos = sorted(BCCD_JPEGS.iterdir())[:32]
+    rows = ["path,label,split"]
+    for i, f in enumerate(photos):
+        rows.append(f"{f},{'AB'[i % 2]},{'test' if i >= 24 else 'train'}")
+    manifest = tmp_path / "cells.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    run = train(
+        _config(manifest, tmp_path / "run", epochs=1, bootstrap=0, val_fraction=0.25), **QUIET
+    )
+    assert run.read_resolved()["color"] == "rgb" and run.read_config().color == "auto"
+    model = TrainedModel.load(run)
+    assert model.color == "rgb" and model.channels == 3
+    pixels = torch.from_numpy(np.stack([load_image(f, SIZE, "rgb") for f in photos[24:28]]))
+    assert pixels.shape == (4, 3, SIZE, SIZE)
+    # colour reaches the network: the stored probabilities are those of the rgb pixels, and
+    # the same photos in gray give other ones
+    stored = run.read_predictions("test").set_index("file").probability
+    np.testing.assert_allclose(
+        model.probabilities(pixels), stored[[str(f) for f in photos[24:28]]], atol=1e-5
+    )
+    gray = pixels.float().mean(1, keepdim=True).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    assert not np.allclose(model.probabilities(gray), model.probabilities(pixels), atol=1e-4)
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(run.path), str(photos[30]), "--out", str(out), "--quiet"]) == 0
+    row = pd.read_csv(out).iloc[0]
+    assert row.probability == pytest.approx(stored[str(photos[30])], abs=1e-5)
+    meta = _check_onnx(run, photos[24:28], tmp_path / "model.onnx", (4,))
+    assert meta["input"]["shape"] == ["batch", 3, SIZE, SIZE] and meta["color"] == "rgb"
+
+
+# -- binary --------------------------------------------------------------------------------
+def test_binary_metrics_equal_sklearn_on_predictions(small_kermany, tmp_path):
+    run = train(
+        _config(small_kermany, tmp_path / "run", epochs=1, bootstrap=0, threshold="youden"),
+        **QUIET,
+    )
+    metrics = run.read_metrics()
+    test, cut = metrics["test"], metrics["threshold"]
+    assert metrics["thresholds"] == [cut] and TrainedModel.load(run).thresholds == [cut]
+    rows = run.read_predictions("test")
+    y = (rows.label == "PNEUMONIA").to_numpy(int)
+    prob = rows.probability.to_numpy()
+    pred = (prob >= cut).astype(int)
+    assert list(rows.predicted) == [("NORMAL", "PNEUMONIA")[p] for p in pred]
+    tn, fp, fn, tp = confusion_matrix(y, pred).ravel()
+    assert test["confusion_matrix"] == [[tn, fp], [fn, tp]]
+    expected = {
+        "accuracy": accuracy_score(y, pred),
+        "precision": precision_score(y, pred, zero_division=0),
+        "recall": recall_score(y, pred),
+        "specificity": recall_score(1 - y, 1 - pred),
+        "f1": f1_score(y, pred),
+        "gmean": np.sqrt(recall_score(y, pred) * recall_score(1 - y, 1 - pred)),
+        "roc_auc": roc_auc_score(y, prob),
+        "average_precision": average_precision_score(y, prob),
+        "loss": log_loss(y, prob),
+    }
+    for key, value in expected.items():
+        assert test[key] == pytest.approx(value, abs=1e-6), key
