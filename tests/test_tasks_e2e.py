@@ -29,6 +29,7 @@ from medxfer.cli import main
 from medxfer.config import RunConfig
 from medxfer.data.images import load_image
 from medxfer.data.manifest import KERMANY_SUBTYPE_REGEX, write_manifest
+from medxfer.errors import MedxferError
 from medxfer.run.folder import RunFolder
 from medxfer.run.pipeline import evaluate, train
 from medxfer.run.trained import TrainedModel
@@ -161,21 +162,24 @@ def test_three_class_evaluate_predict_cam_export(three_class, tmp_path):
     np.testing.assert_allclose(prob, _probability_columns(stored[:6], classes), atol=1e-5)
     assert list(rows.predicted) == [classes[i] for i in prob.argmax(1)]
 
-    cams = tmp_path / "cams"
-    assert main(["predict", str(run.path), str(files[0]), "--cam", str(cams), "--quiet"]) == 0
-    virus = tmp_path / "cams_virus"
-    args = ["predict", str(run.path), str(files[0]), "--cam", str(virus), "--cam-class", "VIRUS"]
+    # Grad-CAM of the predicted class by default, of VIRUS on request: on an image predicted
+    # otherwise (when there is one) the two maps differ
+    others = stored[stored.predicted != "VIRUS"]
+    image = Path((others if len(others) else stored).file.iloc[0])
+    cams, virus = tmp_path / "cams", tmp_path / "cams_virus"
+    assert main(["predict", str(run.path), str(image), "--cam", str(cams), "--quiet"]) == 0
+    args = ["predict", str(run.path), str(image), "--cam", str(virus), "--cam-class", "VIRUS"]
     assert main([*args, "--quiet"]) == 0
     predicted, explained = (
-        np.asarray(Image.open(d / f"{files[0].stem}_cam.png")) for d in (cams, virus)
+        np.asarray(Image.open(d / f"{image.stem}_cam.png")) for d in (cams, virus)
     )
     assert predicted.shape == explained.shape == (SIZE, SIZE, 3)
-    if rows.predicted[0] != "VIRUS":  # another class's map is another picture
-        assert not np.array_equal(predicted, explained)
-    assert (
-        main(["predict", str(run.path), str(files[0]), "--cam", str(virus), "--cam-class", "X"])
-        == 2
-    )
+    assert np.array_equal(predicted, explained) == (not len(others))
+    assert main([*args[:-1], "X", "--quiet"]) == 2
+    # a threshold means nothing to a multi-class model: refused, not ignored
+    assert main(["predict", str(run.path), str(image), "--threshold", "0.3", "--quiet"]) == 2
+    with pytest.raises(MedxferError, match="multi-class model"):
+        evaluate(run.path, str(manifest), threshold=0.3, progress=False)
 
     _check_onnx(run, files, tmp_path / "model.onnx", (len(files), 3))
 
