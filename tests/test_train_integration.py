@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,12 @@ from PIL import Image
 
 from medxfer.cli import main
 from medxfer.config import RunConfig
+from medxfer.models.factory import create_model
+from medxfer.models.stages import backbone_stages
 from medxfer.run.folder import RunFolder
 from medxfer.run.pipeline import evaluate, train
 from medxfer.run.trained import TrainedModel
-from tests.conftest import make_subset
+from tests.conftest import MOBILENET_FILE, make_subset
 
 pytestmark = pytest.mark.integration
 
@@ -97,20 +100,55 @@ def test_fast_path_matches_plain_loop_without_augmentation(small_kermany, tmp_pa
     [
         ["--mode", "scratch", "--arch", "resnet18"],
         ["--mode", "finetune"],
+        ["--mode", "partial", "--trainable-stages", "2"],
         ["--mode", "partial", "--trainable-stages", "2", "--bn", "adapt"],
+        ["--mode", "transfer"],
         ["--mode", "transfer", "--bn", "adapt"],
         ["--mode", "transfer", "--bn", "train", "--threshold", "youden"],
         ["--mode", "scratch", "--arch", "inception_v3", "--image-size", "75"],
     ],
 )
 def test_every_mode_trains(small_kermany, tmp_path, extra):
+    """Each mode trains exactly what it says: compared tensor by tensor with the network the
+    run started from (for pretrained modes, the ImageNet file itself)."""
     out = tmp_path / "run"
     assert run_cli("train", "--data", small_kermany, "--out", out, *FAST, *extra) == 0
     metrics = json.loads((out / RunFolder.METRICS).read_text())
-    assert metrics["mode"] == extra[1]
+    cfg = RunFolder(out).read_config()
+    assert metrics["mode"] == cfg.mode == extra[1]
     assert 0 <= metrics["test"]["accuracy"] <= 1 and metrics["test"]["roc_auc"] is not None
-    model = TrainedModel.load(out).network
-    assert sum(p.numel() for p in model.parameters()) > 1000
+    initial = _initial_network(cfg)
+    trained = torch.load(out / RunFolder.MODEL, weights_only=False)["state_dict"]
+    changed = {k for k, v in initial.state_dict().items() if not torch.equal(trained[k], v)}
+    params = {f"backbone.{n}" for n, _ in initial.backbone.named_parameters()}
+    stats = {k for k in initial.state_dict() if k.endswith(("running_mean", "running_var"))}
+    assert {"head.linear.weight", "head.linear.bias"} <= changed  # the new head trains
+    if cfg.mode in ("scratch", "finetune"):
+        assert params | stats <= changed
+        return
+    stages = backbone_stages(initial.backbone)
+    last = cfg.trainable_stages if cfg.mode == "partial" else 0
+    trainable = tuple(f"backbone.{name}." for name, _ in stages[len(stages) - last :])
+    in_trainable = {k for k in params | stats if trainable and k.startswith(trainable)}
+    assert changed & params == in_trainable & params  # the rest of the backbone: the file's
+    frozen_stats = stats - in_trainable
+    if cfg.bn == "frozen":
+        assert not changed & frozen_stats  # a true linear probe: eval statistics, untouched
+    else:  # adapt: re-estimated on the X-rays; train: batch statistics while training
+        assert frozen_stats <= changed
+    assert in_trainable & stats <= changed
+
+
+def _initial_network(cfg: RunConfig):
+    """The network a run of ``cfg`` starts from (same seed and spec as the pipeline); for
+    pretrained modes its backbone is checked to be the ImageNet file's tensors."""
+    torch.manual_seed(cfg.seed)
+    network = create_model(replace(cfg.model_spec, outputs=1))
+    if cfg.mode != "scratch":
+        imagenet = torch.load(MOBILENET_FILE, weights_only=True)
+        for key, value in network.backbone.state_dict().items():
+            assert torch.equal(value, imagenet[key]), key
+    return network
 
 
 def test_bn_adapt_changes_running_statistics(small_kermany, tmp_path):

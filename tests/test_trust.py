@@ -175,3 +175,21 @@ def test_feature_cache_keys_every_setting(small_kermany, tmp_path):
     timm_key = _feature_key(Context(timm_cfg, ctx.runtime, ctx.data, ctx.task, ctx.cache_dir))
     assert "timm/tf_efficientnet_lite0" in timm_key["weights"]
     assert "in1k" in timm_key["weights"]  # the pretrained tag timm resolves to
+
+
+def test_weights_identity_is_the_files_content(tmp_path):
+    """A stand-in file under the ImageNet file's name must not share its cached features."""
+    from medxfer.models.factory import weights_digest
+    from medxfer.models.spec import ModelSpec
+
+    spec = ModelSpec("mobilenet_v2", "transfer")
+    real = weights_digest(spec)
+    previous = torch.hub.get_dir()
+    try:
+        torch.hub.set_dir(str(tmp_path / "hub"))
+        (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+        (tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth").write_bytes(b"other")
+        stand_in = weights_digest(spec)
+    finally:
+        torch.hub.set_dir(previous)
+    assert real.startswith("mobilenet_v2-b0353104.pth:") and stand_in != real

@@ -93,9 +93,9 @@ def predict_files(
     """A row per file: ``file``, the probability of the positive class (binary) or one
     ``probability_NAME`` column per class/label, ``predicted``, and ``error`` for a file that
     could not be read (the others still get their answers)."""
+    cut = model.operating_points(threshold)
     pixels, errors = load_inputs(model, files, max_pixels)
     prob = model.probabilities(pixels, batch_size)
-    cut = None if threshold is None else [float(threshold)] * model.task.outputs
     decided = model.task.names(model.decide(prob, cut)) if len(prob) else []
     frame = pd.DataFrame({"file": [input_name(f, i) for i, f in enumerate(files)]})
     ok = np.array([e is None for e in errors], dtype=bool)

@@ -7,7 +7,9 @@ Modes (the paper's Remark 1): ``transfer`` (ImageNet weights, backbone frozen, n
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import urllib.error
 
 import torch
@@ -47,14 +49,18 @@ def weights_digest(spec: ModelSpec) -> str:
     if not spec.pretrained:
         return "random"
     if spec.weights:
-        return _file_sha256(spec.weights)[:16]
+        return _file_sha256(str(spec.weights))[:16]
     if spec.arch.startswith("timm/"):
         import timm
 
         cfg = timm.get_pretrained_cfg(spec.arch[5:])
         return f"timm:{spec.arch}:{cfg.hf_hub_id or cfg.url}" if cfg else f"timm:{spec.arch}"
     weights = torchvision_weights(spec.arch, spec.weights_tag)
-    return weights.filename if weights else "none"
+    if weights is None:
+        return "none"
+    if weights.cached_path.is_file():  # its content: a file of that name may be a stand-in
+        return f"{weights.filename}:{_file_sha256(str(weights.cached_path))[:16]}"
+    return weights.filename
 
 
 def _torchvision_backbone(spec: ModelSpec, load_weights: bool) -> tuple[nn.Module, int, tuple]:
@@ -163,6 +169,13 @@ def _load_state_dict(model: nn.Module, path: str) -> None:
 
 
 def _file_sha256(path: str) -> str:
+    stat = os.stat(path)
+    return _sha256_of(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, _size: int, _mtime_ns: int) -> str:
+    """Hashed once per process per file version (size and mtime are part of the cache key)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -368,6 +368,7 @@ def evaluate(
     """Metrics of a finished run's model on ``split`` of a dataset. On the run's own data the
     run's splits are used (its validation fold, its subset); elsewhere the dataset's own."""
     model = TrainedModel.load(run)
+    cut = model.operating_points(threshold)  # a bad --threshold fails before any data is read
     cfg = model.config
     same = Path(data_location).resolve() == Path(cfg.data).resolve()
     options = data_options(cfg, own_splits=not same)
@@ -387,9 +388,6 @@ def evaluate(
         raise MedxferError(f"{data_location}: no {split!r} split")
     idx = ctx.data.splits[split]
     prob = model.to(runtime.device).probabilities(ctx.data.pixels[idx], runtime.batch_size)
-    cut = model.thresholds
-    if threshold is not None:
-        cut = [float(threshold)] * model.task.outputs
     y = ctx.data.targets[idx].numpy()
     return {
         "run": str(run),

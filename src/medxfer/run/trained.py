@@ -129,6 +129,18 @@ class TrainedModel:
         operating points unless ``thresholds`` overrides them."""
         return self.task.decide(prob, thresholds if thresholds is not None else self.thresholds)
 
+    def operating_points(self, threshold: float | None = None) -> list[float] | None:
+        """The stored thresholds, or ``threshold`` for every output. A multi-class model
+        decides by its most probable class, so a threshold is refused rather than ignored."""
+        if threshold is None:
+            return self.thresholds
+        if not self.task.uses_thresholds:
+            raise MedxferError(
+                f"--threshold {threshold}: this is a multi-class model ({len(self.classes)} "
+                "classes), decided by the most probable class"
+            )
+        return [float(threshold)] * self.task.outputs
+
     # -- the Python API's verbs (thin: the work lives in medxfer.inference) ---------------
     def predict(
         self, inputs: Sequence[str | Path | np.ndarray], *, threshold: float | None = None

@@ -308,9 +308,13 @@ def _epoch_line(row: dict) -> str:
     for split in ("val", "test"):
         if f"{split}_loss" in row:
             auc = row.get(f"{split}_roc_auc", row.get(f"{split}_macro_roc_auc"))
+            # multi-label tasks have no accuracy: their line shows the macro F1
+            name = "acc" if f"{split}_accuracy" in row else "macro_f1"
+            score = row.get(f"{split}_accuracy", row.get(f"{split}_macro_f1"))
             parts.append(
-                f"{split} loss {row[f'{split}_loss']:.4f} acc "
-                f"{row[f'{split}_accuracy']:.3f} auc {auc if auc is None else round(auc, 3)}"
+                f"{split} loss {row[f'{split}_loss']:.4f} {name} "
+                f"{'None' if score is None else format(score, '.3f')} "
+                f"auc {auc if auc is None else round(auc, 3)}"
             )
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)
