@@ -1,0 +1,68 @@
+"""Adversarial checks of the numbers: degenerate inputs where a test or an interval has no
+information must not be reported as certainty. References are exact permutation tests and the
+definition of the bootstrap, not the code under test."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from medxfer.evaluation.intervals import binary_intervals
+from medxfer.evaluation.paired import binary_differences, delong_test, paired_bootstrap
+
+
+def _exact_permutation_p(y, a, b) -> float:
+    """Two-sided p of |AUC(b) - AUC(a)| over every swap of the two models' scores per row."""
+    y, a, b = map(np.asarray, (y, a, b))
+    observed = abs(roc_auc_score(y, b) - roc_auc_score(y, a))
+    hits = total = 0
+    for swap in itertools.product([False, True], repeat=len(y)):
+        s = np.array(swap)
+        pa, pb = np.where(s, b, a), np.where(s, a, b)
+        hits += abs(roc_auc_score(y, pb) - roc_auc_score(y, pa)) >= observed - 1e-12
+        total += 1
+    return hits / total
+
+
+@pytest.mark.parametrize(
+    "y, a, b",
+    [
+        # one positive: DeLong's variance of the positives' components is undefined
+        ([1, 0, 0, 0], [0.9, 0.1, 0.2, 0.3], [0.1, 0.9, 0.2, 0.3]),
+        # a perfect model against a constant one: every component is constant, se = 0
+        ([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2], [0.5, 0.5, 0.5, 0.5]),
+    ],
+)
+def test_delong_without_a_variance_gives_no_p_value(y, a, b):
+    result = delong_test(np.array(y), np.array(a), np.array(b))
+    assert result["diff"] != 0
+    assert _exact_permutation_p(y, a, b) >= 0.125  # the data cannot show any difference
+    assert math.isnan(result["p_value"])  # was 0.0: certainty from four images
+
+
+def test_delong_identical_degenerate_models_have_p_one():
+    y, a = np.array([1, 0, 0]), np.array([0.9, 0.1, 0.2])
+    assert delong_test(y, a, a)["p_value"] == 1.0
+
+
+def test_one_patient_gives_no_interval():
+    y = np.array([1, 0, 1, 0, 1, 0])
+    p = np.array([0.9, 0.2, 0.8, 0.3, 0.4, 0.6])
+    one = binary_intervals(y, p, 0.5, groups=["A"] * 6, resamples=50)
+    # every resample of one cluster is the sample itself: no variability can be estimated
+    assert one["clusters"] == 1
+    assert all(v is None for v in one["intervals"].values())
+    two = binary_intervals(y, p, 0.5, groups=list("AAABBB"), resamples=50)
+    assert two["intervals"]["accuracy"] is not None
+
+
+def test_one_patient_paired_bootstrap_has_no_p_value():
+    y = np.array([1, 0, 1, 0])
+    a, b = np.array([0.9, 0.1, 0.8, 0.2]), np.array([0.4, 0.6, 0.8, 0.2])
+    result = paired_bootstrap(
+        binary_differences(y, a, b), 4, groups=["P"] * 4, resamples=50, seed=0
+    )
+    assert result["p_values"]["accuracy"] is None  # was 0.0
+    assert result["intervals"]["accuracy"] is None
