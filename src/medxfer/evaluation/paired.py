@@ -101,7 +101,9 @@ def paired_bootstrap(
     samples = draw(score, n, groups=groups, resamples=resamples, seed=seed)
     result = summarize(samples, n, groups=groups, resamples=resamples, level=level)
     result["p_values"] = {
-        k: min(1.0, 2 * min(np.mean(v <= 0), np.mean(v >= 0))) if len(v) else None
+        k: min(1.0, 2 * min(np.mean(v <= 0), np.mean(v >= 0)))
+        if len(v) and result["clusters"] > 1
+        else None
         for k, v in samples.items()
     }
     return result
