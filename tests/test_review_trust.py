@@ -86,3 +86,37 @@ def test_temperature_scaling_keeps_the_test_auc():
     test_z, test_y = np.array([3.0, 1.0, 0.6, 0.5, -0.2, -1.0]), np.array([1, 0, 1, 0, 1, 0])
     prob = task.probabilities(test_z, temperature)
     assert binary_metrics(test_y, prob)["roc_auc"] == pytest.approx(roc_auc_score(test_y, test_z))
+
+
+def test_evaluate_knows_the_runs_data_by_content_not_path(small_kermany, tmp_path, monkeypatch):
+    """A run trained with a relative --data, evaluated from another directory or on a
+    byte-identical copy, must use the run's validation split (the dataset's own val images
+    were in its training pool); a different dataset keeps its own splits."""
+    import shutil
+
+    from medxfer.config import RunConfig
+    from medxfer.run.pipeline import evaluate, train
+    from tests.conftest import make_subset
+
+    monkeypatch.chdir(small_kermany.parent)
+    cfg = RunConfig(
+        data=small_kermany.name,  # relative, as the README's ../shared/data/chest_xray
+        out=str(tmp_path / "run"),
+        image_size=32,
+        epochs=1,
+        bootstrap=0,
+        val_fraction=0.25,
+    )
+    folder = train(cfg, progress=False, log=lambda _: None)
+    metrics = folder.read_metrics()
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(small_kermany, copy)
+    for location in (str(small_kermany), str(copy)):
+        val = evaluate(folder.path, location, split="val", progress=False)
+        assert val["split_source"] == "the run's splits", location
+        assert val["n"] == metrics["split_sizes"]["val"] != 8
+        assert val["roc_auc"] == pytest.approx(metrics["val"]["roc_auc"], abs=1e-9)
+    other = make_subset(tmp_path / "other", {"train": 24, "val": 4, "test": 10}, offset=4)
+    val = evaluate(folder.path, str(other), split="val", progress=False)
+    assert val["split_source"] == "the dataset's own splits" and val["n"] == 8
