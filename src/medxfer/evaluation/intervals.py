@@ -47,7 +47,8 @@ def bootstrap_intervals(
 ) -> dict:
     """Percentile intervals of every metric that ``score(rows)`` returns for resamples of
     ``n`` rows (whole patients with ``groups``). Resamples where a metric is None (say, one
-    class only) are left out for it; ``used`` records how many counted where fewer did."""
+    class only) are left out for it; ``used`` records how many counted where fewer did. With one
+    cluster (one patient, or one image) there is no interval: every resample is the sample."""
     samples = draw(score, n, groups=groups, resamples=resamples, seed=seed)
     return summarize(samples, n, groups=groups, resamples=resamples, level=level)
 
@@ -95,13 +96,17 @@ def summarize(
     if not 0 < level < 1:
         raise MedxferError(f"bootstrap: level must be in (0, 1), not {level}")
     alpha = (1 - level) / 2
+    clusters = n if groups is None else len(np.unique(np.asarray(groups)))
     result = {
         "method": "image bootstrap" if groups is None else "patient-cluster bootstrap",
-        "clusters": n if groups is None else len(np.unique(np.asarray(groups))),
+        "clusters": clusters,
         "resamples": resamples,
         "level": level,
         "intervals": {
-            k: [float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))] if len(v) else None
+            # one cluster: every resample is the sample itself, a zero-width false certainty
+            k: [float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))]
+            if len(v) and clusters > 1
+            else None
             for k, v in samples.items()
         },
     }

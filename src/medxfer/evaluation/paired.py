@@ -42,30 +42,36 @@ def delong_covariance(y, scores) -> tuple[np.ndarray, np.ndarray]:
     """The AUCs of ``scores`` (k, N) and DeLong's estimate of their (k, k) covariance,
     S10 / m + S01 / n with S10, S01 the sample covariances of the structural components."""
     aucs, v10, v01 = structural_components(y, scores)
+    if min(v10.shape[1], v01.shape[1]) < 2:  # one positive or one negative: no variance
+        return aucs, np.full((len(aucs), len(aucs)), np.nan)
     cov = np.atleast_2d(np.cov(v10)) / v10.shape[1] + np.atleast_2d(np.cov(v01)) / v01.shape[1]
     return aucs, cov
 
 
 def delong_test(y, score_a, score_b) -> dict:
     """DeLong's test that two correlated ROC AUCs on the same rows are equal: ``diff`` is
-    AUC(b) - AUC(a), ``se`` its standard error, ``z`` = diff / se, two-sided ``p_value``."""
+    AUC(b) - AUC(a), ``se`` its standard error, ``z`` = diff / se, two-sided ``p_value``.
+
+    Without an estimated variance (one positive or one negative, or every structural component
+    constant, say a perfect model against a constant one on four images) the test says
+    nothing: ``p_value`` is 1 for equal AUCs and NaN (undefined) otherwise, never 0."""
     (auc_a, auc_b), cov = delong_covariance(y, np.stack([score_a, score_b]))
     diff = float(auc_b - auc_a)
-    se = math.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0.0))
-    z = diff / se if se > 0 else _degenerate_z(diff)
+    variance = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    se = math.sqrt(max(variance, 0.0)) if np.isfinite(variance) else math.nan
+    if se > 0:
+        z = diff / se
+        p_value = float(2 * norm.sf(abs(z)))
+    else:
+        z, p_value = (0.0, 1.0) if diff == 0 else (math.nan, math.nan)
     return {
         "auc_a": float(auc_a),
         "auc_b": float(auc_b),
         "diff": diff,
         "se": se,
         "z": z,
-        "p_value": float(2 * norm.sf(abs(z))),
+        "p_value": p_value,
     }
-
-
-def _degenerate_z(diff: float) -> float:
-    """z without variance (every component constant, e.g. both AUCs 1): none, or certain."""
-    return 0.0 if diff == 0 else math.copysign(math.inf, diff)
 
 
 def mcnemar_exact(correct_a, correct_b) -> dict:
@@ -95,7 +101,9 @@ def paired_bootstrap(
     samples = draw(score, n, groups=groups, resamples=resamples, seed=seed)
     result = summarize(samples, n, groups=groups, resamples=resamples, level=level)
     result["p_values"] = {
-        k: min(1.0, 2 * min(np.mean(v <= 0), np.mean(v >= 0))) if len(v) else None
+        k: min(1.0, 2 * min(np.mean(v <= 0), np.mean(v >= 0)))
+        if len(v) and result["clusters"] > 1
+        else None
         for k, v in samples.items()
     }
     return result

@@ -366,19 +366,15 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """Metrics of a finished run's model on ``split`` of a dataset. On the run's own data the
-    run's splits are used (its validation fold, its subset); elsewhere the dataset's own."""
+    run's splits are used (its validation fold, its subset); elsewhere the dataset's own.
+    The run's data is recognised by its content (``data_key``), not its path: a relative
+    ``--data`` seen from another directory, or a copy, is still the run's data, and its
+    dataset-level validation images may have been in the run's training pool."""
     model = TrainedModel.load(run)
     cut = model.operating_points(threshold)  # a bad --threshold fails before any data is read
     cfg = model.config
-    same = Path(data_location).resolve() == Path(cfg.data).resolve()
-    options = data_options(cfg, own_splits=not same)
-    options = replace(
-        options,
-        task=model.task.name,
-        positive=model.classes[1] if model.task.name == "binary" else None,
-    )
     runtime = Runtime.create(device_name, progress=progress, batch_size=cfg.eval_batch_size)
-    ctx = load_data(replace_data(cfg, data_location), runtime, options)
+    ctx, same = _run_data(model, data_location, runtime, _recorded_data_key(run))
     if tuple(ctx.task.classes) != tuple(model.classes):
         raise MedxferError(
             f"{data_location}: classes {list(ctx.task.classes)} differ from the model's "
@@ -398,6 +394,41 @@ def evaluate(
         "positive": ctx.data.positive,
         **task_metrics(model.task.name, y, prob, _one(model.task, cut), model.classes),
     }
+
+
+def _run_data(
+    model: TrainedModel, location: str, runtime: Runtime, recorded: str | None
+) -> tuple[Context, bool]:
+    """The data at ``location`` with the run's splits if it is the run's data, else with the
+    dataset's own; and which it was."""
+    cfg = model.config
+
+    def load(own_splits: bool) -> Context:
+        options = replace(
+            data_options(cfg, own_splits=own_splits),
+            task=model.task.name,
+            positive=model.classes[1] if model.task.name == "binary" else None,
+        )
+        return load_data(replace_data(cfg, location), runtime, options)
+
+    if Path(location).resolve() == Path(cfg.data).resolve():
+        return load(False), True
+    try:
+        ctx = load(False)
+    except MedxferError:  # the run's split options do not fit this data: not the run's
+        return load(True), False
+    if recorded is not None and ctx.data.data_key == recorded:
+        return ctx, True
+    return load(True), False
+
+
+def _recorded_data_key(run) -> str | None:
+    """The content key of the data a run was trained on (config.json), if it can be read."""
+    path = Path(str(run))
+    try:
+        return RunFolder(path.parent if path.is_file() else path).read_resolved().get("data_key")
+    except (OSError, ValueError, MedxferError):
+        return None
 
 
 def replace_data(cfg: RunConfig, location: str) -> RunConfig:
