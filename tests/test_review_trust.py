@@ -68,14 +68,10 @@ def test_one_patient_paired_bootstrap_has_no_p_value():
     assert result["intervals"]["accuracy"] is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ranking metrics are computed on float64 sigmoids, which tie at 1.0 above z ~ 37;"
-    " a separable validation set drives the temperature to its bound 1/148 and saturates them",
-)
 def test_temperature_scaling_keeps_the_test_auc():
     """Temperature scaling is monotone, so the test AUC must equal the AUC of the raw logits
-    (scikit-learn); the run computes it from the scaled probabilities."""
+    (scikit-learn). The scaled probabilities tie at 1.0 (float64 sigmoids above z ~ 37, and a
+    separable validation set drives T to its bound 1/148), so runs rank by ``Task.scores``."""
     from medxfer.evaluation.calibration import fit_temperature
     from medxfer.evaluation.metrics import binary_metrics
     from medxfer.tasks import make_task
@@ -85,7 +81,20 @@ def test_temperature_scaling_keeps_the_test_auc():
     temperature = fit_temperature(val_z, val_y)  # separable: the smallest allowed, ~0.0067
     test_z, test_y = np.array([3.0, 1.0, 0.6, 0.5, -0.2, -1.0]), np.array([1, 0, 1, 0, 1, 0])
     prob = task.probabilities(test_z, temperature)
-    assert binary_metrics(test_y, prob)["roc_auc"] == pytest.approx(roc_auc_score(test_y, test_z))
+    assert len(np.unique(prob)) < len(prob)  # the probabilities alone have lost the order
+    scores = task.scores(test_z, temperature)
+    metrics = binary_metrics(test_y, prob, scores=scores)
+    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(test_y, test_z))
+    three = make_task("multiclass", ["a", "b", "c"])
+    z3 = np.array([[40.0, 0, 0], [45.0, 0, 0], [0, 1, 0], [0, 0, 1], [50.0, 0, 0], [1, 0, 0]])
+    y3 = np.array([0, 1, 1, 2, 0, 2])
+    from medxfer.evaluation.metrics import multiclass_metrics
+
+    ranked = multiclass_metrics(
+        y3, three.probabilities(z3), ["a", "b", "c"], scores=three.scores(z3)
+    )
+    expected = roc_auc_score(y3 == 0, z3[:, 0] - np.log(np.exp(z3).sum(1)))
+    assert ranked["per_class"]["a"]["roc_auc"] == pytest.approx(expected)
 
 
 def test_evaluate_knows_the_runs_data_by_content_not_path(small_kermany, tmp_path, monkeypatch):

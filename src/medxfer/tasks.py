@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import expit, softmax
+from scipy.special import expit, log_softmax, softmax
 
 from medxfer.errors import MedxferError
 
@@ -74,6 +74,13 @@ class Task:
         """Binary: P(positive) (N,); multiclass: softmax (N, K); multilabel: sigmoids (N, L)."""
         z = np.asarray(logits, dtype=np.float64) / temperature
         return softmax(z, axis=1) if self.name == "multiclass" else expit(z)
+
+    def scores(self, logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """Ranking scores in the order of :meth:`probabilities` that never round to a tie:
+        logits over the temperature (binary, multilabel) or log-softmax (multiclass). A
+        probability rounds to exactly 1.0 beyond a logit of about 37."""
+        z = np.asarray(logits, dtype=np.float64) / temperature
+        return log_softmax(z, axis=1) if self.name == "multiclass" else z
 
     def decide(self, prob: np.ndarray, thresholds: list[float] | None) -> np.ndarray:
         """Class index per image (binary, multiclass) or a 0/1 matrix (multilabel)."""

@@ -74,20 +74,34 @@ def scalar_metrics(task: str) -> tuple[str, ...]:
     return _SCALARS[task]
 
 
-def task_metrics(task: str, y, prob, thresholds=None, names: Sequence[str] | None = None) -> dict:
+def task_metrics(
+    task: str,
+    y,
+    prob,
+    thresholds=None,
+    names: Sequence[str] | None = None,
+    *,
+    scores=None,
+) -> dict:
     """The metrics dict of ``task``: ``binary`` (``thresholds`` one number, default 0.5),
     ``multiclass`` (``names`` the K classes; argmax decides, no threshold) or ``multilabel``
-    (``thresholds`` one per label, ``names`` the L labels)."""
+    (``thresholds`` one per label, ``names`` the L labels).
+
+    ``scores`` (same shape as ``prob``), when given, rank the rows for ROC AUC and average
+    precision: any order-preserving transform of ``prob`` that does not round, such as logits.
+    Probabilities of confident models round to exactly 0 or 1 in float64 (a logit beyond
+    about 37, or a small temperature), and those ties would change the AUC."""
     _check_task(task)
     if task == "binary":
-        return binary_metrics(y, prob, 0.5 if thresholds is None else float(thresholds))
+        cut = 0.5 if thresholds is None else float(thresholds)
+        return binary_metrics(y, prob, cut, scores=scores)
     if names is None:
         raise MedxferError(f"{task} metrics: need the class or label names")
     if task == "multiclass":
-        return multiclass_metrics(y, prob, list(names))
+        return multiclass_metrics(y, prob, list(names), scores=scores)
     if thresholds is None:
         thresholds = np.full(len(names), 0.5)
-    return multilabel_metrics(y, prob, thresholds, list(names))
+    return multilabel_metrics(y, prob, thresholds, list(names), scores=scores)
 
 
 def roc_auc(y, score) -> float | None:
@@ -124,7 +138,7 @@ def average_precision(y, score) -> float | None:
     return float(np.sum(recall_step * precision))
 
 
-def binary_metrics(y, prob, threshold: float = 0.5) -> dict:
+def binary_metrics(y, prob, threshold: float = 0.5, *, scores=None) -> dict:
     """Metrics of probabilities ``prob`` for labels ``y`` (1 = positive) at ``threshold``.
 
     Degenerate cases have defined values: precision, recall, specificity and F1 are 0 when
@@ -133,6 +147,7 @@ def binary_metrics(y, prob, threshold: float = 0.5) -> dict:
     thousands of times); every value is tested against scikit-learn.
     """
     y, prob = _binary_inputs(y, prob)
+    rank = prob if scores is None else np.asarray(scores, dtype=np.float64)
     pred = prob >= threshold
     pos = y == 1
     tp, fn = int(np.sum(pred & pos)), int(np.sum(~pred & pos))
@@ -147,15 +162,15 @@ def binary_metrics(y, prob, threshold: float = 0.5) -> dict:
         "specificity": specificity,
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "gmean": math.sqrt(recall * specificity),
-        "roc_auc": roc_auc(y, prob),
-        "average_precision": average_precision(y, prob),
+        "roc_auc": roc_auc(y, rank),
+        "average_precision": average_precision(y, rank),
         "confusion_matrix": [[tn, fp], [fn, tp]],
         "threshold": float(threshold),
         "n": len(y),
     }
 
 
-def multiclass_metrics(y, prob, classes: list[str]) -> dict:
+def multiclass_metrics(y, prob, classes: list[str], *, scores=None) -> dict:
     """Metrics of class probabilities ``prob`` (N, K) for labels ``y`` in 0..K-1; the predicted
     class is the argmax. One-vs-rest ROC AUC per class is None where the class is absent or
     alone; the macro and prevalence-weighted means run over the classes where it is defined."""
@@ -165,7 +180,8 @@ def multiclass_metrics(y, prob, classes: list[str]) -> dict:
     precision, recall, f1, support = precision_recall_fscore_support(
         y, pred, labels=range(k), zero_division=0
     )
-    aucs = [roc_auc(y == c, prob[:, c]) for c in range(k)]
+    rank = prob if scores is None else np.asarray(scores, dtype=np.float64)
+    aucs = [roc_auc(y == c, rank[:, c]) for c in range(k)]
     defined = [c for c in range(k) if aucs[c] is not None]
     weights = support[defined]
     return {
@@ -192,7 +208,7 @@ def multiclass_metrics(y, prob, classes: list[str]) -> dict:
     }
 
 
-def multilabel_metrics(y, prob, thresholds, labels: list[str]) -> dict:
+def multilabel_metrics(y, prob, thresholds, labels: list[str], *, scores=None) -> dict:
     """Metrics of per-label probabilities ``prob`` (N, L) for 0/1 targets ``y`` (N, L), each
     label at its own threshold. A label's ROC AUC and average precision are None unless it
     has both values; its F1 is None when it has no positives and none are predicted. The
@@ -203,8 +219,10 @@ def multilabel_metrics(y, prob, thresholds, labels: list[str]) -> dict:
         raise MedxferError(
             f"multilabel metrics: {len(thresholds)} thresholds for {len(labels)} labels"
         )
+    rank = prob if scores is None else np.asarray(scores, dtype=np.float64)
     per_label = {
-        name: _label_metrics(y[:, j], prob[:, j], thresholds[j]) for j, name in enumerate(labels)
+        name: _label_metrics(y[:, j], prob[:, j], thresholds[j], rank[:, j])
+        for j, name in enumerate(labels)
     }
     clipped = np.clip(prob, EPS, 1 - EPS)
     loss = -np.mean(y * np.log(clipped) + (1 - y) * np.log1p(-clipped))
@@ -218,13 +236,13 @@ def multilabel_metrics(y, prob, thresholds, labels: list[str]) -> dict:
     }
 
 
-def _label_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
+def _label_metrics(y: np.ndarray, prob: np.ndarray, threshold: float, rank: np.ndarray) -> dict:
     pred = prob >= threshold
     tp = int(np.sum(pred & (y == 1)))
     fp, fn = int(np.sum(pred)) - tp, int(np.sum(y == 1)) - tp
     return {
-        "roc_auc": roc_auc(y, prob),
-        "average_precision": average_precision(y, prob),
+        "roc_auc": roc_auc(y, rank),
+        "average_precision": average_precision(y, rank),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn) if tp + fp + fn else None,
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),

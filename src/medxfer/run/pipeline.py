@@ -305,13 +305,15 @@ def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: TrainSt
     truth = {s: data.targets[idx].numpy() for s, idx in splits.items()}
     temperature = _temperature(cfg, task, logits.get("val"), truth.get("val"))
     prob = {s: task.probabilities(z, temperature) for s, z in logits.items()}
+    scores = {s: task.scores(z, temperature) for s, z in logits.items()}  # ranks without ties
     thresholds = _thresholds(cfg, task, truth.get("val"), prob.get("val"))
+    cut = _one(task, thresholds)
     test = task_metrics(
-        task.name, truth["test"], prob["test"], _one(task, thresholds), task.classes
+        task.name, truth["test"], prob["test"], cut, task.classes, scores=scores["test"]
     )
     if cfg.bootstrap:
         test["ci95"], test["interval_method"] = _intervals(
-            ctx, truth["test"], prob["test"], thresholds
+            ctx, truth["test"], prob["test"], scores["test"], thresholds
         )
     model = TrainedModel(network.cpu().eval(), cfg, task, thresholds, temperature, data.color)
     calibration, curves = _calibration(cfg, task, logits, truth, temperature)
@@ -331,7 +333,9 @@ def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: TrainSt
         "selection": cfg.select,
         "test": test,
         "val": (
-            task_metrics(task.name, truth["val"], prob["val"], _one(task, thresholds), task.classes)
+            task_metrics(
+                task.name, truth["val"], prob["val"], cut, task.classes, scores=scores["val"]
+            )
             if "val" in prob
             else None
         ),
@@ -341,7 +345,11 @@ def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: TrainSt
         "evaluation_precision": "float32",
     }
     predictions = pd.concat(
-        [_prediction_rows(ctx, s, splits[s], prob[s], model) for s in splits], ignore_index=True
+        [
+            _prediction_rows(ctx, s, splits[s], model, prob=prob[s], scores=scores[s])
+            for s in splits
+        ],
+        ignore_index=True,
     )
     return Assessment(model, metrics, predictions, curves)
 
@@ -383,7 +391,9 @@ def evaluate(
     if split not in ctx.data.splits:
         raise MedxferError(f"{data_location}: no {split!r} split")
     idx = ctx.data.splits[split]
-    prob = model.to(runtime.device).probabilities(ctx.data.pixels[idx], runtime.batch_size)
+    logits = model.to(runtime.device).logits(ctx.data.pixels[idx], runtime.batch_size)
+    prob = model.task.probabilities(logits, model.temperature)
+    scores = model.task.scores(logits, model.temperature)
     y = ctx.data.targets[idx].numpy()
     return {
         "run": str(run),
@@ -392,7 +402,9 @@ def evaluate(
         "split_source": "the run's splits" if same else "the dataset's own splits",
         "task": model.task.name,
         "positive": ctx.data.positive,
-        **task_metrics(model.task.name, y, prob, _one(model.task, cut), model.classes),
+        **task_metrics(
+            model.task.name, y, prob, _one(model.task, cut), model.classes, scores=scores
+        ),
     }
 
 
@@ -546,7 +558,9 @@ def _one(task: Task, thresholds: list[float] | None):
     return thresholds[0] if task.name == "binary" else np.asarray(thresholds)
 
 
-def _intervals(ctx: Context, y: np.ndarray, prob: np.ndarray, thresholds) -> tuple[dict, dict]:
+def _intervals(
+    ctx: Context, y: np.ndarray, prob: np.ndarray, scores: np.ndarray, thresholds
+) -> tuple[dict, dict]:
     """Bootstrap intervals of the test metrics, resampling patients where they are known."""
     task, cfg = ctx.task, ctx.cfg
     patients = [ctx.data.patients[i] for i in ctx.data.splits["test"].tolist()]
@@ -555,7 +569,7 @@ def _intervals(ctx: Context, y: np.ndarray, prob: np.ndarray, thresholds) -> tup
     cut = _one(task, thresholds)
 
     def score(rows: np.ndarray) -> dict:
-        m = task_metrics(task.name, y[rows], prob[rows], cut, task.classes)
+        m = task_metrics(task.name, y[rows], prob[rows], cut, task.classes, scores=scores[rows])
         return {k: m[k] for k in names}
 
     result = bootstrap_intervals(
@@ -614,9 +628,16 @@ def _calibration(cfg: RunConfig, task: Task, logits: dict, truth: dict, temperat
 
 
 def _prediction_rows(
-    ctx: Context, split: str, idx: torch.Tensor, prob: np.ndarray, model: TrainedModel
+    ctx: Context,
+    split: str,
+    idx: torch.Tensor,
+    model: TrainedModel,
+    *,
+    prob: np.ndarray,
+    scores: np.ndarray,
 ) -> pd.DataFrame:
-    """One row per image: split, file, patient, true label, probabilities, decision."""
+    """One row per image: split, file, patient, true label, probabilities, ranking scores
+    (exact where a probability rounds to 0 or 1; see ``Task.scores``), decision."""
     task, data = ctx.task, ctx.data
     rows = idx.tolist()
     truth = data.targets[idx].numpy()
@@ -629,10 +650,12 @@ def _prediction_rows(
         }
     )
     if task.name == "binary":
-        frame["probability"] = prob
+        frame["probability"], frame["score"] = prob, scores
     else:
         for j, name in enumerate(task.classes):
             frame[f"probability_{name}"] = prob[:, j]
+        for j, name in enumerate(task.classes):
+            frame[f"score_{name}"] = scores[:, j]
     frame["predicted"] = task.names(model.decide(prob))
     return frame
 

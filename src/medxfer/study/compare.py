@@ -77,6 +77,7 @@ class Side:
     prob: np.ndarray
     cut: float | np.ndarray | None  # binary: one threshold; multilabel: one per label
     classes: list[str]
+    score: np.ndarray  # ranking scores (logits; probabilities for runs that stored none)
 
 
 def write_comparisons(study_dir: Path, compare: list[str] | None = None) -> Path:
@@ -248,24 +249,27 @@ def _side(predictions: pd.DataFrame, metrics: dict) -> Side:
     if task == "binary":
         positive = str(metrics.get("positive") or classes[1])
         cut = float(thresholds[0] if thresholds else metrics.get("threshold") or 0.5)
-        return Side(
-            (labels == positive).to_numpy(np.int64),
-            predictions.probability.to_numpy(),
-            cut,
-            classes,
-        )
+        prob = predictions.probability.to_numpy()
+        score = predictions["score"].to_numpy() if "score" in predictions else prob
+        return Side((labels == positive).to_numpy(np.int64), prob, cut, classes, score)
     prob = predictions[[f"probability_{c}" for c in classes]].to_numpy(np.float64)
+    score_columns = [f"score_{c}" for c in classes]
+    score = (
+        predictions[score_columns].to_numpy(np.float64) if score_columns[0] in predictions else prob
+    )
     if task == "multiclass":
         y = labels.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
-        return Side(y, prob, None, classes)
+        return Side(y, prob, None, classes, score)
     y = np.array([[c in set(s.split("|")) for c in classes] for s in labels], dtype=np.int64)
     cut = np.asarray(thresholds if thresholds else [0.5] * len(classes), dtype=np.float64)
-    return Side(y, prob, cut, classes)
+    return Side(y, prob, cut, classes, score)
 
 
 def _metrics(task: str, side: Side, rows: np.ndarray | None = None) -> dict:
-    y, prob = (side.y, side.prob) if rows is None else (side.y[rows], side.prob[rows])
-    values = task_metrics(task, y, prob, side.cut, side.classes)
+    rows = slice(None) if rows is None else rows
+    values = task_metrics(
+        task, side.y[rows], side.prob[rows], side.cut, side.classes, scores=side.score[rows]
+    )
     return {k: values[k] for k in HEADLINE[task]}
 
 
@@ -282,7 +286,7 @@ def _difference(task: str, a: Side, b: Side):
 def _p_value(task: str, metric: str, sides: tuple[Side, Side], boot: dict | None):
     a, b = sides
     if task == "binary" and metric == "roc_auc":
-        return delong_test(a.y, a.prob, b.prob)["p_value"], "DeLong"
+        return delong_test(a.y, a.score, b.score)["p_value"], "DeLong"
     if metric == "accuracy" and task in ("binary", "multiclass"):
         return mcnemar_exact(_correct(task, a), _correct(task, b))["p_value"], "exact McNemar"
     p_value = boot["p_values"].get(metric) if boot else None

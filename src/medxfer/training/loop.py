@@ -280,8 +280,15 @@ def fit(
 def _split_row(net: nn.Module, source, data, task: Task, split: str) -> dict:
     """Scalar metrics of one split at the default operating point, as history columns."""
     idx = data.splits[split]
-    prob = task.probabilities(predict_logits(net, source, idx))
-    metrics = task_metrics(task.name, data.targets[idx].numpy(), prob, None, task.classes)
+    logits = predict_logits(net, source, idx)
+    metrics = task_metrics(
+        task.name,
+        data.targets[idx].numpy(),
+        task.probabilities(logits),
+        None,
+        task.classes,
+        scores=task.scores(logits),
+    )
     return {
         f"{split}_{k}": v
         for k, v in metrics.items()
