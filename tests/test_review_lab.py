@@ -40,3 +40,30 @@ def test_every_header_bit_flip_is_a_warned_miss(tmp_path, kind, array, meta):
     healed = read_entry(path)
     np.testing.assert_array_equal(healed.array, array)
     assert healed.array.dtype == array.dtype and healed.meta == meta
+
+
+@pytest.mark.integration
+def test_run_tracked_into_another_sqlite_store_keeps_artifacts_beside_it(
+    small_kermany, tmp_path, monkeypatch
+):
+    """``--tracking-uri sqlite:///elsewhere/store.db``: the artifacts go beside that store, not
+    into ``./mlruns`` of whatever folder the command happened to be started from."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    import medxfer
+
+    cwd = tmp_path / "started-here"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    uri = f"sqlite:///{tmp_path / 'lab' / 'store.db'}"
+    options = dict(image_size=32, epochs=1, bootstrap=0, val_fraction=0.25, quiet=True)
+    folder = medxfer.train(
+        small_kermany, tmp_path / "run", track="mlflow", tracking_uri=uri, **options
+    )
+    client = MlflowClient(uri)
+    run = client.get_run(folder.read_tracking()["run_id"])
+    artifact_root = run.info.artifact_uri.removeprefix("file://")
+    assert artifact_root.startswith(str(tmp_path / "lab" / "mlartifacts"))
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json"}
+    assert not any(cwd.iterdir())  # nothing left in the folder the command ran from
