@@ -67,3 +67,20 @@ def test_run_tracked_into_another_sqlite_store_keeps_artifacts_beside_it(
     assert artifact_root.startswith(str(tmp_path / "lab" / "mlartifacts"))
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json"}
     assert not any(cwd.iterdir())  # nothing left in the folder the command ran from
+
+
+def test_run_folder_lock_is_one_lock_however_the_folder_is_spelt(tmp_path, monkeypatch):
+    """``--out .`` from inside the folder and ``--out /abs/run`` name one folder: one lock."""
+    from medxfer.locking import LockHeld, run_folder_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    with run_folder_lock("."):
+        with pytest.raises(LockHeld, match="another medxfer process is training"):
+            with run_folder_lock(run):
+                pass
+        with pytest.raises(LockHeld):
+            with run_folder_lock(tmp_path / "x" / ".." / "run"):
+                pass
+    assert not list(tmp_path.glob(".*.lock"))  # released and removed
