@@ -78,9 +78,7 @@ def test_run_folder_lock_is_one_lock_however_the_folder_is_spelt(tmp_path, monke
     monkeypatch.chdir(run)
     with run_folder_lock("."):
         with pytest.raises(LockHeld, match="another medxfer process is training"):
-            with run_folder_lock(run):
-                pass
+            run_folder_lock(run).__enter__()
         with pytest.raises(LockHeld):
-            with run_folder_lock(tmp_path / "x" / ".." / "run"):
-                pass
+            run_folder_lock(tmp_path / "x" / ".." / "run").__enter__()
     assert not list(tmp_path.glob(".*.lock"))  # released and removed
