@@ -144,7 +144,7 @@ def test_two_processes_write_one_sqlite_store(tmp_path):
     from medxfer.tracking import _client, experiment, store_uri
 
     uri = store_uri(None, tmp_path)
-    experiment_id = experiment(_client(uri), "parallel", uri, tmp_path)
+    experiment_id = experiment(_client(uri), "parallel", uri)
     writers = [
         subprocess.Popen([sys.executable, "-c", WRITER, uri, experiment_id, f"w{i}"])
         for i in range(2)

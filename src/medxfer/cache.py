@@ -5,7 +5,8 @@ and a reader can never pair new data with old metadata::
 
     b"MEDXFER-ARRAY\\n"  (14 bytes)
     uint32 little-endian length N of the JSON header
-    N bytes of JSON: key parts, dtype, shape, nbytes, crc32 of the data, user metadata
+    N bytes of JSON: key parts, dtype, shape, nbytes, user metadata, and crc32 of the rest of
+        the header (canonical JSON) followed by the data
     the array's raw bytes (C order)
 
 The format is written by hand because numpy's own containers do not fit: a ``.npy`` header takes
@@ -14,6 +15,8 @@ for 100 MB here, against 0.02 s for this format and its check).
 
 An entry is trusted only if its magic, header, size, dtype, shape, key parts and CRC-32 (zlib;
 about 6 GB/s, and it catches every single-byte change and every burst up to 32 bits) all agree.
+The CRC covers the header too: a flipped bit in the dtype (``<f4`` read as ``>f4``) or in the
+metadata would otherwise give wrong values of the right size.
 Anything else (a truncated file from a killed process, a flipped byte, another version's file) is
 a miss: one warning naming the file, then the value is recomputed and the entry rewritten.
 Entries are written to a unique temporary file and renamed into place (``medxfer.atomic``), so
@@ -107,9 +110,9 @@ def write_entry(path: Path, parts: dict, array: np.ndarray, meta: dict) -> None:
         "dtype": array.dtype.str,
         "shape": list(array.shape),
         "nbytes": array.nbytes,
-        "crc32": zlib.crc32(array),
-        "meta": meta,
+        "meta": json.loads(json.dumps(meta)),  # as it will read back (tuples become lists)
     }
+    header["crc32"] = _crc(header, memoryview(array).cast("B"))
     blob = json.dumps(header).encode()
     with open(path, "wb") as fh:
         fh.write(MAGIC + struct.pack("<I", len(blob)) + blob)
@@ -120,17 +123,18 @@ def read_entry(path: Path, parts: dict | None = None) -> CacheEntry:
     """Read and verify one entry file; raise DamagedEntry saying what is wrong with it."""
     with open(path, "rb") as fh:
         header, offset = _read_header(fh)
-        dtype = np.dtype(header["dtype"])
-        shape = tuple(header["shape"])
-        count = int(np.prod(shape, dtype=np.int64))
-        if count * dtype.itemsize != header["nbytes"]:
-            raise DamagedEntry("shape and dtype disagree with the byte count")
         size = os.fstat(fh.fileno()).st_size
         if size != offset + header["nbytes"]:
             raise DamagedEntry(f"{size} bytes on disk, {offset + header['nbytes']} expected")
-        array = np.fromfile(fh, dtype=dtype, count=count).reshape(shape)
-    if zlib.crc32(array) != header["crc32"]:
+        data = bytearray(header["nbytes"])
+        fh.readinto(data)
+    if _crc({k: v for k, v in header.items() if k != "crc32"}, data) != header["crc32"]:
         raise DamagedEntry("checksum mismatch")
+    try:  # the header is intact, so this fails only for another version's dtype
+        dtype, shape = np.dtype(header["dtype"]), tuple(header["shape"])
+        array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    except (TypeError, ValueError, SyntaxError) as exc:
+        raise DamagedEntry(f"bad dtype or shape: {exc}") from None
     if parts is not None and header["parts"] != json.loads(_canonical(parts)):
         raise DamagedEntry("stored for other key parts")
     return CacheEntry(array, header["meta"])
@@ -149,9 +153,16 @@ def _read_header(fh) -> tuple[dict, int]:
         keys = {"parts", "dtype", "shape", "nbytes", "crc32", "meta"}
         if not isinstance(header, dict) or not keys <= header.keys():
             raise ValueError("missing fields")
+        if not all(isinstance(header[k], int) and header[k] >= 0 for k in ("nbytes", "crc32")):
+            raise ValueError("nbytes and crc32 must be counts")
     except ValueError as exc:
         raise DamagedEntry(f"bad header: {exc}") from None
     return header, len(lead) + length
+
+
+def _crc(header: dict, data) -> int:
+    """CRC-32 of the header's canonical JSON (without its own ``crc32``), then of the data."""
+    return zlib.crc32(data, zlib.crc32(_canonical(header).encode()))
 
 
 def _canonical(parts: dict) -> str:

@@ -42,10 +42,11 @@ def exclusive_lock(
 
 def run_folder_lock(out: str | os.PathLike):
     """Lock the run folder ``out`` for training. The lock file is ``.NAME.lock`` beside the
-    folder, so that the folder itself stays untouched until the run's input is known good."""
-    out = Path(out)
+    folder, so that the folder itself stays untouched until the run's input is known good.
+    The path is resolved first: ``.`` and ``/abs/run`` are one folder and must be one lock."""
+    out, where = Path(out), Path(out).resolve()
     return exclusive_lock(
-        out.parent / f".{out.name}.lock",
+        where.parent / f".{where.name}.lock",
         busy=f"{out}: another medxfer process is training into this folder (pid {{pid}})",
     )
 

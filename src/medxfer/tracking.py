@@ -109,7 +109,7 @@ class MlflowHandler:
             tags["mlflow.parentRunId"] = parent
         else:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-            experiment_id = experiment(self.client, name, uri, folder.path)
+            experiment_id = experiment(self.client, name, uri)
         run = _retry(self.client.create_run, experiment_id, tags=tags, run_name=folder.path.name)
         return run.info.run_id
 
@@ -174,7 +174,7 @@ def study_tracking(name: str, out: Path, base: dict[str, Any]) -> Iterator[str |
         run_id = record["run_id"]
         _retry(client.update_run, run_id, status="RUNNING")
     else:
-        experiment_id = experiment(client, name, uri, out)
+        experiment_id = experiment(client, name, uri)
         run = _retry(client.create_run, experiment_id, tags={"study": name}, run_name=name)
         run_id = run.info.run_id
         folder.write_tracking({"tracker": "mlflow", "tracking_uri": uri, "run_id": run_id})
@@ -196,15 +196,16 @@ def study_tracking(name: str, out: Path, base: dict[str, Any]) -> Iterator[str |
         _retry(client.set_terminated, run_id, status)
 
 
-def experiment(client: Any, name: str, uri: str, folder: Path) -> str:
-    """The id of experiment ``name``, created if missing; a local store keeps its artifacts
-    beside itself (``mlartifacts/``), a server decides for itself."""
+def experiment(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if missing; a local SQLite store keeps its
+    artifacts beside itself (``mlartifacts/``; MLflow's default is ``./mlruns`` of whatever
+    folder the command was started from), a server decides for itself."""
     found = _retry(client.get_experiment_by_name, name)
     if found is not None:
         return found.experiment_id
     location = None
-    if uri.startswith("sqlite:///") and Path(folder).resolve() / STORE == Path(uri[10:]):
-        location = (Path(folder).resolve() / ARTIFACTS).as_uri()
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[10:]).resolve().parent / ARTIFACTS).as_uri()
     try:
         return _retry(client.create_experiment, name, artifact_location=location)
     except Exception:  # created meanwhile by another process
