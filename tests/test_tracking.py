@@ -33,6 +33,9 @@ class StopAfterFirstEpoch:
     def finished(self, folder, metrics):
         pass
 
+    def failed(self, folder, error):
+        pass
+
 
 def test_tracked_run_is_logged_and_a_resumed_run_continues_it(small_kermany, tmp_path):
     out = tmp_path / "run"
@@ -40,6 +43,8 @@ def test_tracked_run_is_logged_and_a_resumed_run_continues_it(small_kermany, tmp
         medxfer.train(small_kermany, out, track="mlflow", handlers=[StopAfterFirstEpoch()], **TINY)
     first = RunFolder(out).read_tracking()
     assert first["tracking_uri"] == f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    interrupted = MlflowClient(first["tracking_uri"]).get_run(first["run_id"])
+    assert interrupted.info.status == "KILLED"  # not left RUNNING
     folder = medxfer.train(small_kermany, out, track="mlflow", **TINY)  # resumes
     record = folder.read_tracking()
     assert record["run_id"] == first["run_id"]

@@ -42,6 +42,8 @@ class Handler(Protocol):
 
     def finished(self, folder: RunFolder, metrics: dict[str, Any]) -> None: ...
 
+    def failed(self, folder: RunFolder, error: BaseException) -> None: ...
+
 
 def configured_handlers(cfg: RunConfig) -> list[Handler]:
     """The handlers a run's own options ask for (``--track``)."""
@@ -90,6 +92,13 @@ class MlflowHandler:
             if folder.file(name).exists():
                 _retry(self.client.log_artifact, self.run_id, str(folder.file(name)))
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
+
+    def failed(self, folder: RunFolder, error: BaseException) -> None:
+        """An interrupted run is KILLED, a crashed one FAILED; a rerun resumes the same run."""
+        if self.run_id is None:
+            return
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        _retry(self.client.set_terminated, self.run_id, status)
 
     def _catch_up(self, folder: RunFolder) -> None:
         """A resumed run: log the finished epochs its MLflow run missed (interrupted between

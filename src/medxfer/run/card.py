@@ -132,7 +132,9 @@ def render(summary: dict[str, Any]) -> str:
 
 def write_model_card(folder: RunFolder, outcome: Assessment) -> None:
     """The run's ``model_card.md``, from the results about to be written."""
-    counts = class_counts(outcome.predictions, outcome.model.classes)
+    counts = outcome.metrics.get("class_counts") or class_counts(
+        outcome.predictions, outcome.model.classes
+    )
     folder.write_model_card(render(card_summary(outcome.model.config, outcome.metrics, counts)))
 
 

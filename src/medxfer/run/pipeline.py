@@ -132,19 +132,24 @@ def _train_locked(
     handlers = [*handlers, *configured_handlers(cfg)]
     for handler in handlers:
         handler.started(folder, cfg)
-    inputs = prepare_inputs(ctx, network, adapted=state.epoch > 0)
-    state = fit_stage(ctx, network, inputs, state, folder, log=log, handlers=handlers)
-    inputs.trainable.load_state_dict(state.best_state)  # strict: the selected epoch exactly
-    outcome = assess(ctx, network, inputs, state)
-    outcome.metrics["seconds"] = {
-        "total": time.perf_counter() - started,
-        "features": inputs.feature_seconds,
-        "epochs": sum(r["seconds"] for r in state.history),
-    }
-    write(folder, outcome)
-    folder.file(RunFolder.CHECKPOINT).unlink(missing_ok=True)
-    for handler in handlers:
-        handler.finished(folder, outcome.metrics)
+    try:
+        inputs = prepare_inputs(ctx, network, adapted=state.epoch > 0)
+        state = fit_stage(ctx, network, inputs, state, folder, log=log, handlers=handlers)
+        inputs.trainable.load_state_dict(state.best_state)  # strict: the selected epoch exactly
+        outcome = assess(ctx, network, inputs, state)
+        outcome.metrics["seconds"] = {
+            "total": time.perf_counter() - started,
+            "features": inputs.feature_seconds,
+            "epochs": sum(r["seconds"] for r in state.history),
+        }
+        write(folder, outcome)
+        folder.file(RunFolder.CHECKPOINT).unlink(missing_ok=True)
+        for handler in handlers:
+            handler.finished(folder, outcome.metrics)
+    except BaseException as error:  # interrupted or crashed: the observers hear of it
+        for handler in handlers:
+            handler.failed(folder, error)
+        raise
     return folder
 
 
@@ -340,6 +345,7 @@ def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: TrainSt
             else None
         ),
         "split_sizes": {k: len(v) for k, v in data.splits.items()},
+        "class_counts": _class_counts(data, task),
         "skipped_inputs": [{"file": f, "reason": r} for f, r in data.skipped],
         "device": str(ctx.runtime.device),
         "evaluation_precision": "float32",
@@ -625,6 +631,19 @@ def _calibration(cfg: RunConfig, task: Task, logits: dict, truth: dict, temperat
     if temperature != 1.0:
         curves[f"test, temperature {temperature:.2f}"] = view("test", temperature)
     return summary, curves
+
+
+def _class_counts(data: PreparedData, task: Task) -> dict[str, dict[str, int]]:
+    """Images per class in each split (a multi-label image counts once per label it has)."""
+    counts = {}
+    for split, idx in data.splits.items():
+        targets = data.targets[idx]
+        if task.name == "multilabel":
+            per = targets.sum(0).round().long().tolist()
+        else:
+            per = torch.bincount(targets, minlength=len(task.classes)).tolist()
+        counts[split] = dict(zip(task.classes, per, strict=True))
+    return counts
 
 
 def _prediction_rows(
