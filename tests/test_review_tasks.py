@@ -1,0 +1,232 @@
+"""Studies, comparisons and the report beyond binary: a two-cell study (scratch vs transfer) on a
+real three-class Kermany manifest and on a real-image multi-label .npz, each checked against
+scikit-learn / scipy on the runs' own predictions.csv; and the stored predictions read back
+with their labels intact when the class names are numbers (MedMNIST .npz)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy.stats import binomtest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    f1_score,
+    roc_auc_score,
+)
+
+from medxfer.cli import main
+from medxfer.data.manifest import KERMANY_SUBTYPE_REGEX, write_manifest
+from medxfer.evaluation.metrics import HEADLINE
+from medxfer.run.folder import RunFolder
+from tests.conftest import KERMANY
+
+pytestmark = pytest.mark.integration
+
+SIZE = 32
+
+
+def _kermany_files(split: str, kind: str, n: int, start: int = 0) -> list[Path]:
+    folder = KERMANY / split / ("NORMAL" if kind == "NORMAL" else "PNEUMONIA")
+    files = sorted(folder.iterdir())
+    if kind != "NORMAL":
+        files = [f for f in files if f"_{kind}_" in f.name]
+    return files[start : start + n]
+
+
+def _study(root: Path, data: Path, extra: str = "") -> Path:
+    """A two-cell study file: scratch vs transfer, one seed, tiny and fast."""
+    toml = root / "s.toml"
+    toml.write_text(
+        f"""
+[study]
+name = "tasks"
+
+[base]
+data = "{data}"
+arch = "mobilenet_v2"
+epochs = 1
+image_size = {SIZE}
+batch_size = 16
+bootstrap = 50
+lr = 1e-3
+{extra}
+
+[grid]
+mode = ["scratch", "transfer"]
+"""
+    )
+    return toml
+
+
+def _run_study(root: Path, data: Path, extra: str = "") -> Path:
+    out = root / "study"
+    assert main(["study", "run", str(_study(root, data, extra)), "--out", str(out)]) == 0
+    assert main(["report", str(out)]) == 0
+    return out
+
+
+def _test_rows(run: Path) -> pd.DataFrame:
+    frame = pd.read_csv(run / "predictions.csv", dtype={"label": str}, keep_default_na=False)
+    return frame[frame.split == "test"].reset_index(drop=True)
+
+
+# -- three classes -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def multiclass_study(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mc_study")
+    for split, n in (("train", 8), ("test", 5)):
+        for kind in ("NORMAL", "bacteria", "virus"):
+            target = root / "images" / split / ("NORMAL" if kind == "NORMAL" else "PNEUMONIA")
+            target.mkdir(parents=True, exist_ok=True)
+            for f in _kermany_files(split, kind, n):
+                shutil.copy(f, target / f.name)
+    manifest = root / "kermany3.csv"
+    write_manifest(root / "images", manifest, label_from_name=KERMANY_SUBTYPE_REGEX)
+    return _run_study(root, manifest, "val_fraction = 0.25")
+
+
+def test_multiclass_study_comparisons_match_sklearn(multiclass_study):
+    table = pd.read_csv(multiclass_study / "comparisons.csv")
+    assert set(table.metric) == set(HEADLINE["multiclass"]) and len(table) == 4
+    assert (table.task == "multiclass").all() and table.note.isna().all()
+    assert set(zip(table.option, table.a, table.b, strict=True)) == {
+        ("mode", "scratch", "transfer")
+    }
+    classes = ["BACTERIA", "NORMAL", "VIRUS"]
+    a, b = (_test_rows(multiclass_study / "runs" / m) for m in ("scratch", "transfer"))
+    b = b.set_index("file").loc[a.file].reset_index()
+    y = np.array([classes.index(c) for c in a.label])
+    probs = [f[[f"probability_{c}" for c in classes]].to_numpy() for f in (a, b)]
+    expected = {
+        "accuracy": [accuracy_score(y, p.argmax(1)) for p in probs],
+        "balanced_accuracy": [balanced_accuracy_score(y, p.argmax(1)) for p in probs],
+        "macro_f1": [f1_score(y, p.argmax(1), average="macro") for p in probs],
+        "macro_roc_auc": [roc_auc_score(y, p, multi_class="ovr") for p in probs],
+    }
+    rows = table.set_index("metric")
+    for metric, (va, vb) in expected.items():
+        assert rows.loc[metric, "value_a"] == pytest.approx(va, abs=1e-6), metric
+        assert rows.loc[metric, "value_b"] == pytest.approx(vb, abs=1e-6), metric
+        assert rows.loc[metric, "diff"] == pytest.approx(vb - va, abs=1e-6), metric
+    correct_a, correct_b = probs[0].argmax(1) == y, probs[1].argmax(1) == y
+    only_a, only_b = int(np.sum(correct_a & ~correct_b)), int(np.sum(~correct_a & correct_b))
+    p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+    assert rows.loc["accuracy", "test"] == "exact McNemar"
+    assert rows.loc["accuracy", "p_value"] == pytest.approx(p)
+    auc = rows.loc["macro_roc_auc"]
+    assert auc.primary and auc.test == "paired bootstrap" and 0 <= auc.p_value <= 1
+    assert auc.p_adjusted == auc.p_value
+
+
+def test_multiclass_study_tables_and_report(multiclass_study):
+    summary = pd.read_csv(multiclass_study / "summary.csv").set_index("mode")
+    results = pd.read_csv(multiclass_study / "results.csv").set_index("mode")
+    for metric in HEADLINE["multiclass"]:
+        for mode in ("scratch", "transfer"):
+            stored = RunFolder(multiclass_study / "runs" / mode).read_metrics()["test"][metric]
+            assert summary.loc[mode, f"{metric}_mean"] == pytest.approx(stored)
+            assert results.loc[mode, metric] == pytest.approx(stored)
+    report = (multiclass_study / "report.md").read_text()
+    header = "| " + " | ".join(HEADLINE["multiclass"])
+    assert header in report, report
+    assert "macro_roc_auc (primary)" in report
+    transfer = summary.loc["transfer"]
+    assert f"{transfer.macro_f1_mean:.3f}" in report
+    assert "data:image/png;base64," in (multiclass_study / "report.html").read_text()
+
+
+# -- multi-label ---------------------------------------------------------------------------
+ML_LABELS = {"NORMAL": [0, 0], "bacteria": [1, 1], "virus": [1, 0]}  # pneumonia, bacterial
+
+
+def _multilabel_npz(path: Path, labels: dict[str, list[int]]) -> Path:
+    arrays = {}
+    for split, source, start, n in (("train", "train", 0, 8), ("test", "test", 0, 5)):
+        images, rows = [], []
+        for kind, label in labels.items():
+            for f in _kermany_files(source, kind, n, start):
+                gray = Image.open(f).convert("L").resize((SIZE, SIZE), Image.BILINEAR)
+                images.append(np.asarray(gray))
+                rows.append(label)
+        arrays[f"{split}_images"] = np.stack(images)
+        arrays[f"{split}_labels"] = np.array(rows, dtype=np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def multilabel_study(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ml_study")
+    data = _multilabel_npz(root / "chest.npz", ML_LABELS)
+    return _run_study(root, data, 'val_fraction = 0.25\nthreshold = "youden"')
+
+
+def test_multilabel_study_comparisons_match_sklearn(multilabel_study):
+    table = pd.read_csv(multilabel_study / "comparisons.csv")
+    assert set(table.metric) == set(HEADLINE["multilabel"]) and len(table) == 3
+    assert (table.task == "multilabel").all() and table.note.isna().all()
+    labels = ["0", "1"]
+    a, b = (_test_rows(multilabel_study / "runs" / m) for m in ("scratch", "transfer"))
+    b = b.set_index("file").loc[a.file].reset_index()
+    y = np.array([[n in s.split("|") for n in labels] for s in a.label], dtype=int)
+    cuts = [
+        np.asarray(RunFolder(multilabel_study / "runs" / m).read_metrics()["thresholds"])
+        for m in ("scratch", "transfer")
+    ]
+    probs = [f[[f"probability_{c}" for c in labels]].to_numpy() for f in (a, b)]
+    expected = {
+        "macro_roc_auc": [roc_auc_score(y, p, average="macro") for p in probs],
+        "macro_average_precision": [average_precision_score(y, p) for p in probs],
+        "macro_f1": [f1_score(y, p >= c, average="macro") for p, c in zip(probs, cuts)],
+    }
+    rows = table.set_index("metric")
+    for metric, (va, vb) in expected.items():
+        assert rows.loc[metric, "value_a"] == pytest.approx(va, abs=1e-6), metric
+        assert rows.loc[metric, "value_b"] == pytest.approx(vb, abs=1e-6), metric
+    assert rows.loc["macro_roc_auc", "primary"]
+    report = (multilabel_study / "report.md").read_text()
+    assert "| " + " | ".join(HEADLINE["multilabel"]) in report, report
+
+
+# -- numeric class names survive predictions.csv -------------------------------------------
+def test_single_label_per_image_multilabel_reads_back_its_labels(tmp_path):
+    """A MedMNIST-like .npz whose images carry at most one label each: the stored labels are
+    "0", "1" or empty, which a plain read_csv turns into floats 0.0 / 1.0 / NaN."""
+    one_each = {"NORMAL": [0, 0], "bacteria": [1, 0], "virus": [0, 1]}
+    data = _multilabel_npz(tmp_path / "one.npz", one_each)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(out), "--quiet", "--epochs", "1"]
+    more = ["--image-size", str(SIZE), "--bootstrap", "0", "--val-fraction", "0.25"]
+    assert main([*args, *more]) == 0
+    rows = RunFolder(out).read_predictions("test")
+    expected = [s for s in ("", "0", "1") for _ in range(5)]
+    assert [("" if pd.isna(v) else v) for v in rows.label] == expected
+    assert all(isinstance(v, str) for v in rows.label), rows.label.tolist()
+    assert all(isinstance(v, str) for v in rows.predicted), rows.predicted.tolist()
+
+
+def test_predictions_keep_class_names_that_look_like_numbers_or_missing(tmp_path):
+    """Class names are text: "01", "NA", "1.0" and an empty label set come back as written."""
+    folder = RunFolder(tmp_path)
+    written = pd.DataFrame(
+        {
+            "split": ["test"] * 4,
+            "file": ["a.png", "b.png", "c.png", "d.png"],
+            "patient": ["001", "002", "NA", "file:d.png"],
+            "label": ["01", "NA", "1.0", ""],
+            "probability_01": [0.1, 0.2, np.nan, 0.4],
+            "predicted": ["01", "", "NA", "1.0"],
+        }
+    )
+    folder.write_predictions(written)
+    back = folder.read_predictions("test")
+    for column in ("patient", "label", "predicted"):
+        assert back[column].tolist() == written[column].tolist(), column
+    assert back.probability_01.dtype == np.float64 and np.isnan(back.probability_01[2])
