@@ -184,7 +184,9 @@ def test_multilabel_study_comparisons_match_sklearn(multilabel_study):
     expected = {
         "macro_roc_auc": [roc_auc_score(y, p, average="macro") for p in probs],
         "macro_average_precision": [average_precision_score(y, p) for p in probs],
-        "macro_f1": [f1_score(y, p >= c, average="macro") for p, c in zip(probs, cuts)],
+        "macro_f1": [
+            f1_score(y, p >= c, average="macro") for p, c in zip(probs, cuts, strict=True)
+        ],
     }
     rows = table.set_index("metric")
     for metric, (va, vb) in expected.items():
