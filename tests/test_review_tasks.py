@@ -232,3 +232,67 @@ def test_predictions_keep_class_names_that_look_like_numbers_or_missing(tmp_path
     for column in ("patient", "label", "predicted"):
         assert back[column].tolist() == written[column].tolist(), column
     assert back.probability_01.dtype == np.float64 and np.isnan(back.probability_01[2])
+
+
+# -- bad input through the CLI: one line, nothing written ------------------------------------
+def _rows(header: str, body: list[str]) -> str:
+    return "\n".join([header, *body]) + "\n"
+
+
+def _three_class_lines(column: str = "label") -> tuple[str, list[str]]:
+    lines = []
+    for split, n in (("train", 2), ("test", 2)):
+        for kind, name in (("NORMAL", "NORMAL"), ("bacteria", "BACTERIA"), ("virus", "VIRUS")):
+            lines += [f"{f},{name},{split}" for f in _kermany_files(split, kind, n)]
+    return f"path,{column},split", lines
+
+
+def test_bad_input_stops_in_one_line_before_writing(tmp_path, capsys):
+    header, lines = _three_class_lines()
+    first = lines[0].split(",")[0]
+    no_train_virus = [x for x in lines if not (x.endswith(",VIRUS,train"))]
+    images = np.zeros((6, 8, 8), dtype=np.uint8)
+    np.savez(
+        tmp_path / "bad.npz",
+        train_images=images,
+        train_labels=np.full((6, 2), 2),
+        test_images=images,
+        test_labels=np.full((6, 2), 2),
+    )
+    never = np.array([[1, 0], [0, 0], [1, 0], [0, 0], [1, 0], [0, 0]], dtype=np.uint8)
+    np.savez(
+        tmp_path / "never.npz",
+        train_images=images,
+        train_labels=never,
+        test_images=images,
+        test_labels=np.array([[1, 1], [0, 0], [1, 0], [0, 1], [1, 0], [0, 0]], dtype=np.uint8),
+    )
+    ml_header, _ = _three_class_lines("labels")
+    cases = {
+        "nolabel.csv": (
+            "path,split\n" + "".join(f"{x.split(',')[0]},train\n" for x in lines),
+            [],
+            "one of label / labels",
+        ),
+        "empty.csv": (_rows(header, [*lines, f"{first},,train"]), [], "empty label"),
+        "notrain.csv": (_rows(header, no_train_virus), [], "'VIRUS' is in the test split"),
+        "valonly.csv": (_rows(header, [*lines, f"{first},EDEMA,val"]), [], "'EDEMA' is in the val"),
+        "mltest.csv": (
+            _rows(ml_header, [*lines, f"{first},EDEMA|NORMAL,test"]),
+            [],
+            "'EDEMA' is in the test",
+        ),
+        "bad.npz": (None, [], "fits no task"),
+        "never.npz": (None, [], "'1' is in the test split"),
+        "positive.csv": (_rows(header, lines), ["--positive", "VIRUS"], "only a binary task"),
+    }
+    for name, (text, extra, message) in cases.items():
+        data = tmp_path / name
+        if text is not None:
+            data.write_text(text)
+        out = tmp_path / f"run-{name}"
+        code = main(["train", "--data", str(data), "--out", str(out), "--quiet", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], (name, err)
+        assert name in err[0] or "--positive" in err[0], (name, err)
+        assert not out.exists(), name
