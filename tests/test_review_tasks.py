@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from scipy.stats import binomtest
 from sklearn.metrics import (
@@ -22,9 +23,15 @@ from sklearn.metrics import (
 )
 
 from medxfer.cli import main
+from medxfer.config import RunConfig
+from medxfer.data.images import load_image
 from medxfer.data.manifest import KERMANY_SUBTYPE_REGEX, write_manifest
 from medxfer.evaluation.metrics import HEADLINE
+from medxfer.inference.cam import overlay
+from medxfer.models.factory import ModelSpec, create_model
 from medxfer.run.folder import RunFolder
+from medxfer.run.trained import TrainedModel
+from medxfer.tasks import make_task
 from tests.conftest import KERMANY
 
 pytestmark = pytest.mark.integration
@@ -296,3 +303,39 @@ def test_bad_input_stops_in_one_line_before_writing(tmp_path, capsys):
         assert code == 2 and len(err) == 1 and message in err[0], (name, err)
         assert name in err[0] or "--positive" in err[0], (name, err)
         assert not out.exists(), name
+
+
+# -- Grad-CAM of the negative class of a binary model ---------------------------------------
+class _Negated(torch.nn.Module):
+    """The binary network with its one logit negated: its output 0 is the negative class."""
+
+    def __init__(self, network) -> None:
+        super().__init__()
+        self.backbone, self.network = network.backbone, network
+
+    def forward(self, image):
+        return -self.network(image)
+
+
+def test_binary_cam_class_negative_explains_the_negative_logit():
+    """``--cam-class NORMAL`` on a binary model: the map of NORMAL (the negated logit), not
+    silently the positive class's map."""
+    from medxfer.inference.cam import grad_cam, overlays
+
+    torch.manual_seed(0)
+    network = create_model(ModelSpec("mobilenet_v2", "transfer")).eval()  # ImageNet backbone
+    cfg = RunConfig(data="d", out="o", image_size=64)
+    model = TrainedModel(network, cfg, make_task("binary", ["NORMAL", "PNEUMONIA"]))
+    pixels = torch.from_numpy(
+        np.stack([load_image(f, 64, "gray") for f in _kermany_files("test", "NORMAL", 2)])
+    )
+    image = pixels.float().div(255).unsqueeze(1)
+    positive, negative = grad_cam(network, image), grad_cam(_Negated(network), image)
+    assert not np.allclose(positive, negative)
+    expected = [overlay(p, h) for p, h in zip(pixels.numpy(), negative, strict=True)]
+    for got, want in zip(overlays(model, pixels, "NORMAL"), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    for got, pix, h in zip(
+        overlays(model, pixels, "PNEUMONIA"), pixels.numpy(), positive, strict=True
+    ):
+        np.testing.assert_array_equal(got, overlay(pix, h))
