@@ -339,3 +339,36 @@ def test_binary_cam_class_negative_explains_the_negative_logit():
         overlays(model, pixels, "PNEUMONIA"), pixels.numpy(), positive, strict=True
     ):
         np.testing.assert_array_equal(got, overlay(pix, h))
+
+
+# -- class weights ---------------------------------------------------------------------------
+def test_class_weights_and_weighted_losses_match_sklearn_balanced():
+    """multiclass: N / (K N_c) = scikit-learn's "balanced" weights, in torch's weighted CE;
+    multilabel: per label, N / (2 N_c) for its positives and its negatives."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    rng = np.random.default_rng(1)
+    y = rng.choice(4, size=60, p=[0.55, 0.25, 0.15, 0.05])
+    multi = make_task("multiclass", ["a", "b", "c", "d"])
+    weights = multi.class_weights(torch.from_numpy(y)).numpy()
+    balanced = compute_class_weight("balanced", classes=np.arange(4), y=y)
+    np.testing.assert_allclose(weights, balanced, rtol=1e-6)
+    z = rng.normal(0, 2, (60, 4))
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    w = balanced[y]
+    expected = -(w * log_p[np.arange(60), y]).sum() / w.sum()
+    got = multi.loss(torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(weights))
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+    targets = (rng.random((50, 3)) < [0.5, 0.2, 0.08]).astype(np.float32)
+    ml = make_task("multilabel", ["x", "y", "z"])
+    per_label = ml.class_weights(torch.from_numpy(targets)).numpy()  # (2, L): negative, positive
+    for j in range(3):
+        ref = compute_class_weight("balanced", classes=np.array([0, 1]), y=targets[:, j])
+        np.testing.assert_allclose(per_label[:, j], ref, rtol=1e-6)
+    logits = rng.normal(0, 2, (50, 3))
+    p = 1 / (1 + np.exp(-logits))
+    bce = -(targets * np.log(p) + (1 - targets) * np.log(1 - p))
+    picked = np.where(targets > 0.5, per_label[1][None, :], per_label[0][None, :])
+    got = ml.loss(torch.from_numpy(logits), torch.from_numpy(targets), torch.from_numpy(per_label))
+    assert float(got) == pytest.approx((bce * picked).mean(), rel=1e-5)
