@@ -5,6 +5,7 @@ with their labels intact when the class names are numbers (MedMNIST .npz)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from medxfer.cli import main
 from medxfer.config import RunConfig
 from medxfer.data.images import load_image
 from medxfer.data.manifest import KERMANY_SUBTYPE_REGEX, write_manifest
+from medxfer.errors import MedxferError
 from medxfer.evaluation.metrics import HEADLINE
 from medxfer.inference.cam import overlay
 from medxfer.models.factory import ModelSpec, create_model
@@ -372,3 +374,24 @@ def test_class_weights_and_weighted_losses_match_sklearn_balanced():
     picked = np.where(targets > 0.5, per_label[1][None, :], per_label[0][None, :])
     got = ml.loss(torch.from_numpy(logits), torch.from_numpy(targets), torch.from_numpy(per_label))
     assert float(got) == pytest.approx((bce * picked).mean(), rel=1e-5)
+
+
+# -- options refused when the config is built ------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"patient_regex": "(unclosed"}, "--patient-regex"),
+        ({"limit_per_class": 0}, "--limit-per-class"),
+        ({"weight_decay": -1.0}, "--weight-decay"),
+        ({"momentum": 1.5}, "--momentum"),
+        ({"seed": -1}, "--seed"),
+        ({"amp": "no"}, "--amp"),
+        ({"skip_bad": "yes"}, "--skip-bad"),
+        ({"feature_cache": "x"}, "--feature-cache"),
+    ],
+)
+def test_run_options_are_refused_when_built(options, message):
+    """A study file is checked cell by cell when loaded; a value no run could use (or, for a
+    switch, a string that Python would read as true) must stop there, not when a cell runs."""
+    with pytest.raises(MedxferError, match=re.escape(message)):
+        RunConfig(data="d", out="o", **options)
