@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from medxfer.data.options import KERMANY_PATIENT_REGEX, MAX_PIXELS
+from medxfer.data.options import KERMANY_PATIENT_REGEX, MAX_PIXELS, DataOptions
 from medxfer.errors import MedxferError
 from medxfer.models.spec import DEFAULT_TAG, ModelSpec, default_image_size
 
@@ -19,6 +19,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 CALIBRATIONS = ("none", "temperature")
 SELECTIONS = ("val_loss", "val_auc", "last")
 TRACKERS = ("none", "mlflow")
+SWITCHES = ("feature_cache", "amp", "skip_bad")  # must be real booleans ("no" reads as true)
 
 
 @dataclass
@@ -169,6 +170,39 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise MedxferError(message)
+        self._validate_numbers()
+        self.data_options().validate()
+
+    def _validate_numbers(self) -> None:
+        for name in SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise MedxferError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be true or false"
+                )
+        for ok, message in (
+            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be 0 or more"),
+            (0 <= self.momentum < 1, f"--momentum {self.momentum}: must be in [0, 1)"),
+            (self.seed >= 0, f"--seed {self.seed}: must be 0 or more"),
+        ):
+            if not ok:
+                raise MedxferError(message)
+
+    def data_options(self, *, own_splits: bool = False) -> DataOptions:
+        """How this run reads its data; ``own_splits``: the dataset's splits as they are
+        (another data set scored by a trained model)."""
+        return DataOptions(
+            task=None if self.task == "auto" else self.task,
+            positive=self.positive,
+            val_fraction=0.0 if own_splits else self.validation_fraction,
+            folds=None if own_splits else self.folds,
+            fold=None if own_splits else self.fold,
+            patient_regex=self.patient_regex,
+            seed=self.seed,
+            skip_bad=self.skip_bad,
+            limit_per_class=None if own_splits else self.limit_per_class,
+            color=self.color,
+            max_pixels=self.max_pixels,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

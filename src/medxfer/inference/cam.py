@@ -14,6 +14,8 @@ from medxfer.models.classifier import XrayClassifier
 from medxfer.models.stages import backbone_stages
 from medxfer.run.trained import TrainedModel
 
+NEGATIVE = -1  # Grad-CAM target: the negative class of a one-logit binary model
+
 
 class _Logits(nn.Module):
     """(B, C, H, W) -> (B, outputs) logits. The input requires grad so that the activations of
@@ -56,13 +58,20 @@ def grad_cam(
     model: XrayClassifier, image: torch.Tensor, classes: list[int] | None = None
 ) -> np.ndarray:
     """Heat maps (B, H, W) in [0, 1] for inputs (B, C, H, W): of output ``classes[i]`` for
-    image i (default output 0: the positive class of a one-logit binary model)."""
+    image i (default output 0: the positive class of a one-logit binary model). A one-logit
+    model's negative class is ``-1``: the map of the negated logit."""
     from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pytorch_grad_cam.utils.model_targets import (
+        BinaryClassifierOutputTarget,
+        ClassifierOutputTarget,
+    )
 
     model = model.cpu().eval()
     _, layer = target_layer(model, image.shape[1])
-    targets = [ClassifierOutputTarget(c) for c in (classes or [0] * len(image))]
+    targets = [
+        BinaryClassifierOutputTarget(0) if c == NEGATIVE else ClassifierOutputTarget(c)
+        for c in (classes or [0] * len(image))
+    ]
     with GradCAM(model=_Logits(model), target_layers=[layer]) as cam:
         return cam(input_tensor=image, targets=targets)
 
@@ -115,8 +124,8 @@ def write_cams(
 
 
 def _cam_targets(model: TrainedModel, pixels: torch.Tensor, cam_class: str | None) -> list[int]:
-    if model.task.name == "binary":
-        return [0] * len(pixels)  # one logit: the positive class
+    if model.task.name == "binary":  # one logit: the positive class, or its negation
+        return [NEGATIVE if cam_class == model.classes[0] else 0] * len(pixels)
     if cam_class is not None:
         return [model.classes.index(cam_class)] * len(pixels)
     return model.probabilities(pixels).argmax(axis=1).tolist()

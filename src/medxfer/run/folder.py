@@ -28,6 +28,7 @@ class RunFolder:
     RELIABILITY = "reliability.png"
     MODEL_CARD = "model_card.md"
     TRACKING = "tracking.json"  # the experiment tracker's run id, so a resumed run continues it
+    TEXT_COLUMNS = ("split", "file", "patient", "label", "predicted")  # of predictions.csv
     FILES = (CONFIG, HISTORY, METRICS, PREDICTIONS, MODEL, RELIABILITY, MODEL_CARD)
 
     def __init__(self, path: str | Path) -> None:
@@ -79,8 +80,18 @@ class RunFolder:
         return pd.read_csv(self.file(self.HISTORY))
 
     def read_predictions(self, split: str | None = "test") -> pd.DataFrame:
-        """Stored predictions; runs of the first version hold test rows only (no ``split``)."""
-        frame = pd.read_csv(self.file(self.PREDICTIONS))
+        """Stored predictions; runs of the first version hold test rows only (no ``split``).
+
+        Names are text as written: class names such as ``0``, ``01`` or ``NA`` and an empty
+        label set must not come back as numbers or NaN (pandas' default guesses)."""
+        path = self.file(self.PREDICTIONS)
+        columns = pd.read_csv(path, nrows=0).columns
+        frame = pd.read_csv(
+            path,
+            dtype={c: str for c in self.TEXT_COLUMNS if c in columns},
+            keep_default_na=False,
+            na_values={c: ["", "NaN", "nan"] for c in columns if c not in self.TEXT_COLUMNS},
+        )
         if "split" not in frame.columns:
             frame.insert(0, "split", "test")
         return frame if split is None else frame[frame.split == split].reset_index(drop=True)

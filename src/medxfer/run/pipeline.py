@@ -161,30 +161,12 @@ def validate(cfg: RunConfig, progress: bool) -> Runtime:
     )
 
 
-def data_options(cfg: RunConfig, *, own_splits: bool = False) -> DataOptions:
-    """How ``cfg`` reads its data; ``own_splits``: the dataset's splits as they are (another
-    data set scored by a trained model)."""
-    return DataOptions(
-        task=None if cfg.task == "auto" else cfg.task,
-        positive=cfg.positive,
-        val_fraction=0.0 if own_splits else cfg.validation_fraction,
-        folds=None if own_splits else cfg.folds,
-        fold=None if own_splits else cfg.fold,
-        patient_regex=cfg.patient_regex,
-        seed=cfg.seed,
-        skip_bad=cfg.skip_bad,
-        limit_per_class=None if own_splits else cfg.limit_per_class,
-        color=cfg.color,
-        max_pixels=cfg.max_pixels,
-    )
-
-
 def load_data(cfg: RunConfig, runtime: Runtime, options: DataOptions | None = None) -> Context:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     data = prepare_data(
         cfg.data,
         cfg.resolution,
-        options or data_options(cfg),
+        options or cfg.data_options(),
         cache_dir=cache_dir,
         progress=runtime.progress,
     )
@@ -423,7 +405,7 @@ def _run_data(
 
     def load(own_splits: bool) -> Context:
         options = replace(
-            data_options(cfg, own_splits=own_splits),
+            cfg.data_options(own_splits=own_splits),
             task=model.task.name,
             positive=model.classes[1] if model.task.name == "binary" else None,
         )
