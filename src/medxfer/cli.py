@@ -11,6 +11,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from medxfer.config import ENGINES
 from medxfer.errors import MedxferError
 
 TRAIN_HELP = {
@@ -43,6 +44,8 @@ TRAIN_HELP = {
     "calibrate": "temperature: fit a temperature on validation logits (Guo et al. 2017)",
     "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps",
     "amp": "mixed precision on CUDA (bf16 where supported)",
+    "engine": "who runs frozen networks forward (features, evaluation, predict): auto "
+    "(onnxruntime on a CPU, torch elsewhere), torch or onnxruntime",
     "skip_bad": "leave unreadable images out (listed in metrics.json) instead of stopping",
     "bootstrap": "bootstrap resamples for the 95%% intervals of test metrics (0: none)",
     "limit_per_class": "use at most N images per class in each split (quick looks, tests)",
@@ -52,9 +55,12 @@ TRAIN_HELP = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from medxfer.runtime import tune_allocator
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        tune_allocator(args.allocator)
         return args.handler(args) or 0
     except MedxferError as exc:
         print(f"medxfer: error: {exc}", file=sys.stderr)
@@ -73,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="ImageNet feature transfer vs training from scratch on "
         "medical images (Gu & Lee, Bioengineering 2024).",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=["tuned", "default"],
+        default=None,
+        help="tuned: keep freed activation buffers in glibc's heap (faster on CPUs); default: "
+        "leave malloc alone (default: $MEDXFER_ALLOCATOR, else tuned)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one run (resumes an interrupted one)")
@@ -89,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--threshold", type=float, default=None, help="default: the run's own")
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=ENGINES, help="default: the run's own")
     p.add_argument("--json", type=Path, help="also write the metrics to this file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_evaluate)
@@ -123,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=ENGINES, help="default: the run's own")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_predict)
 
@@ -233,7 +248,8 @@ def _train(args: argparse.Namespace) -> int:
     metrics = folder.read_metrics()
     test = metrics["test"]
     shown = " ".join(
-        f"{k} {test[k]:.4f}" for k in HEADLINE[metrics.get("task", "binary")]
+        f"{k} {test[k]:.4f}"
+        for k in HEADLINE[metrics.get("task", "binary")]
         if test.get(k) is not None
     )
     print(f"{folder.path}: test {shown}")
@@ -250,6 +266,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         threshold=args.threshold,
         device_name=args.device,
+        engine=args.engine,
         progress=not args.quiet,
     )
     if args.json:
@@ -316,8 +333,14 @@ def _predict(args: argparse.Namespace) -> int:
 
     model = TrainedModel.load(args.run)
     files = expand_inputs(args.inputs)
-    model.to(select_device(args.device))
-    rows = predict_files(model, files, threshold=args.threshold, batch_size=args.batch_size)
+    model.to(select_device(args.device), args.engine)
+    rows = predict_files(
+        model,
+        files,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     if args.out and args.out.suffix.lower() == ".json":
         write_json(args.out, rows.astype(object).where(rows.notna(), None).to_dict("records"))
     elif args.out:

@@ -18,6 +18,7 @@ AUGMENTATIONS = ("paper", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 CALIBRATIONS = ("none", "temperature")
 SELECTIONS = ("val_loss", "val_auc", "last")
+ENGINES = ("auto", "torch", "onnxruntime")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class RunConfig:
     calibrate: str = "none"  # none | temperature (fitted on validation data)
     seed: int = 0
     device: str = "auto"
+    engine: str = "auto"  # frozen forward passes: auto = onnxruntime on a CPU, torch elsewhere
     amp: bool = True
     skip_bad: bool = False
     bootstrap: int = 1000
@@ -61,7 +63,7 @@ class RunConfig:
     cache_dir: str | None = None
 
     # Fields that do not change what a run computes; a run may resume under other values.
-    RESUMABLE_DIFFERENCES = ("out", "device", "cache_dir", "eval_batch_size")
+    RESUMABLE_DIFFERENCES = ("out", "device", "engine", "cache_dir", "eval_batch_size")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,6 +114,7 @@ class RunConfig:
             ("optimizer", OPTIMIZERS),
             ("calibrate", CALIBRATIONS),
             ("select", SELECTIONS),
+            ("engine", ENGINES),
         ):
             if getattr(self, name) not in allowed:
                 raise MedxferError(

@@ -64,6 +64,7 @@ class Runtime:
     amp: torch.dtype | None = None  # training precision on CUDA; evaluation is always float32
     batch_size: int = 8  # inference batch size
     progress: bool = True
+    engine: str = "torch"  # frozen forward passes: torch or onnxruntime (see medxfer.engine)
 
     @classmethod
     def create(
@@ -73,8 +74,15 @@ class Runtime:
         amp: bool = True,
         batch_size: int | None = None,
         progress: bool = True,
+        engine: str = "auto",
     ) -> Runtime:
+        from medxfer.engine import resolve_engine
+
         device = select_device(device_name)
         return cls(
-            device, amp_dtype(device, amp), inference_batch_size(batch_size, device), progress
+            device,
+            amp_dtype(device, amp),
+            inference_batch_size(batch_size, device),
+            progress,
+            resolve_engine(engine, device),
         )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 
 from medxfer.data.images import is_image_file, load_image
 from medxfer.errors import MedxferError
+from medxfer.progress import track
 from medxfer.run.trained import TrainedModel
 
 
@@ -32,16 +35,23 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def load_inputs(model: TrainedModel, files: list[Path]) -> tuple[torch.Tensor, list[str | None]]:
+def load_inputs(
+    model: TrainedModel, files: list[Path], progress: bool = False
+) -> tuple[torch.Tensor, list[str | None]]:
     """Decoded images of ``files`` in the model's input format, and per file its error (None
-    for those that decoded; they are the rows of the tensor, in order)."""
-    pixels, errors = [], []
-    for f in files:
+    for those that decoded; they are the rows of the tensor, in order). Decoded on every
+    core: PIL releases the GIL while it decodes and resizes."""
+
+    def decode(f: Path) -> np.ndarray | str:
         try:
-            pixels.append(load_image(f, model.resolution, model.color))
-            errors.append(None)
+            return load_image(f, model.resolution, model.color)
         except MedxferError as exc:
-            errors.append(str(exc).removeprefix(f"{f}: "))
+            return str(exc).removeprefix(f"{f}: ")
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = list(track(pool.map(decode, files), "decode", total=len(files), enabled=progress))
+    pixels = [r for r in results if not isinstance(r, str)]
+    errors = [r if isinstance(r, str) else None for r in results]
     shape = (0, model.resolution, model.resolution)
     if model.channels == 3:
         shape = (0, 3, model.resolution, model.resolution)
@@ -57,11 +67,12 @@ def predict_files(
     *,
     threshold: float | None = None,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """A row per file: ``file``, the probability of the positive class (binary) or one
     ``probability_NAME`` column per class/label, ``predicted``, and ``error`` for a file that
     could not be read (the others still get their answers)."""
-    pixels, errors = load_inputs(model, files)
+    pixels, errors = load_inputs(model, files, progress)
     prob = model.probabilities(pixels, batch_size)
     cut = None if threshold is None else [float(threshold)] * model.task.outputs
     decided = model.task.names(model.decide(prob, cut)) if len(prob) else []

@@ -131,6 +131,7 @@ def environment() -> dict[str, Any]:
     import torchvision
 
     import medxfer
+    from medxfer.runtime import allocator_status
 
     return {
         "medxfer": medxfer.__version__,
@@ -142,6 +143,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": _git_commit(),
+        "allocator": allocator_status(),
     }
 
 

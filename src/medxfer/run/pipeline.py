@@ -25,6 +25,7 @@ from medxfer.data.cache import DECODER_VERSION, default_cache_dir
 from medxfer.data.options import DataOptions
 from medxfer.data.prepared import PreparedData, prepare_data
 from medxfer.device import Runtime
+from medxfer.engine import make_engine
 from medxfer.errors import MedxferError
 from medxfer.evaluation.calibration import expected_calibration_error, fit_temperature
 from medxfer.evaluation.intervals import bootstrap_intervals
@@ -124,7 +125,11 @@ def validate(cfg: RunConfig, progress: bool) -> Runtime:
     """Files and device; option values were checked when ``cfg`` was built."""
     cfg.model_spec.check_files()
     return Runtime.create(
-        cfg.device, amp=cfg.amp, batch_size=cfg.eval_batch_size, progress=progress
+        cfg.device,
+        amp=cfg.amp,
+        batch_size=cfg.eval_batch_size,
+        progress=progress,
+        engine=cfg.engine,
     )
 
 
@@ -184,6 +189,12 @@ def resume(
     if not folder.has_run():
         return TrainState()
     folder.check_same(ctx.cfg)
+    before = folder.read_resolved().get("engine", "torch")
+    if before != ctx.runtime.engine:
+        log(
+            f"{folder.path}: resuming under engine {ctx.runtime.engine} (was {before}); "
+            "features are cached per engine"
+        )
     checkpoint = folder.file(RunFolder.CHECKPOINT)
     if not checkpoint.exists():
         return TrainState()
@@ -319,10 +330,12 @@ def evaluate(
     split: str = "test",
     threshold: float | None = None,
     device_name: str = "auto",
+    engine: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Metrics of a finished run's model on ``split`` of a dataset. On the run's own data the
-    run's splits are used (its validation fold, its subset); elsewhere the dataset's own."""
+    run's splits are used (its validation fold, its subset); elsewhere the dataset's own.
+    ``engine`` None: the run's own ``--engine``."""
     model = TrainedModel.load(run)
     cfg = model.config
     same = Path(data_location).resolve() == Path(cfg.data).resolve()
@@ -332,7 +345,12 @@ def evaluate(
         task=model.task.name,
         positive=model.classes[1] if model.task.name == "binary" else None,
     )
-    runtime = Runtime.create(device_name, progress=progress, batch_size=cfg.eval_batch_size)
+    runtime = Runtime.create(
+        device_name,
+        progress=progress,
+        batch_size=cfg.eval_batch_size,
+        engine=engine or cfg.engine,
+    )
     ctx = load_data(replace_data(cfg, data_location), runtime, options)
     if tuple(ctx.task.classes) != tuple(model.classes):
         raise MedxferError(
@@ -342,7 +360,8 @@ def evaluate(
     if split not in ctx.data.splits:
         raise MedxferError(f"{data_location}: no {split!r} split")
     idx = ctx.data.splits[split]
-    prob = model.to(runtime.device).probabilities(ctx.data.pixels[idx], runtime.batch_size)
+    model.to(runtime.device, runtime.engine, ctx.cache_dir)
+    prob = model.probabilities(ctx.data.pixels[idx], runtime.batch_size)
     cut = model.thresholds
     if threshold is not None:
         cut = [float(threshold)] * model.task.outputs
@@ -384,6 +403,7 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation):
     cfg, data, runtime = ctx.cfg, ctx.data, ctx.runtime
     cache = FeatureCache(ctx.cache_dir)
     base = _feature_key(ctx)
+    engine = make_engine(runtime.engine, network, ctx.cache_dir)
     train_idx = data.splits["train"]
     # With augmentation, training reads only augmented views: the clean view is needed for
     # evaluation alone, which saves one backbone pass over the training images.
@@ -392,7 +412,7 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation):
         clean_idx = torch.cat([train_idx, clean_idx])
     clean = cache.get(
         {**base, "view": "clean", "dtype": "float32", "rows": data.index_key(clean_idx)},
-        lambda: extract_features(network, data.pixels, clean_idx, runtime),
+        lambda: extract_features(network, data.pixels, clean_idx, runtime, engine=engine),
     )
     if augmentation is None:
         return clean, clean_idx, None
@@ -410,7 +430,9 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation):
         views.append(
             cache.get(
                 key,
-                lambda view=view: extract_features(network, data.pixels, train_idx, runtime, view),
+                lambda view=view: extract_features(
+                    network, data.pixels, train_idx, runtime, view, engine=engine
+                ),
             )
         )
     return clean, clean_idx, torch.stack(views)
@@ -433,6 +455,7 @@ def _feature_key(ctx: Context) -> dict:
         "decoder": DECODER_VERSION,
         "libraries": [torch.__version__, torchvision.__version__, timm.__version__],
         "device": ctx.runtime.device.type,
+        "engine": ctx.runtime.engine,
     }
     if cfg.bn == "adapt":
         key["adapted_on"] = ctx.data.index_key(ctx.data.splits["train"])
@@ -588,6 +611,7 @@ def resolved(ctx: Context) -> dict:
         "loss": losses[ctx.task.name],
         "feature_cache": cfg.uses_feature_cache,
         "device": str(runtime.device),
+        "engine": runtime.engine,
         "amp": str(runtime.amp) if runtime.amp else None,
         "evaluation_precision": "float32",
         "threads": torch.get_num_threads(),

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from medxfer.data.images import RASTER_SUFFIXES
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.stages import backbone_stages
+from medxfer.progress import track
 
 POOLED = "pooled"  # the backbone's final feature vector, the head's input
 
@@ -81,9 +81,7 @@ def stage_features(
     handles = [modules[n].register_forward_hook(hook(n)) for n in names if n != POOLED]
     model.eval().to(device)
     try:
-        for batch in tqdm(
-            rgb_batches, desc="features", disable=None if progress else True, leave=False
-        ):
+        for batch in track(rgb_batches, "stage features", size=len, enabled=progress):
             pooled = model.backbone(batch.to(device))
             if POOLED in captured:
                 captured[POOLED].append(pooled.float().cpu())

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from medxfer.atomic import write_json, write_with
 from medxfer.data.augment import Augmentation, augment_batch
 from medxfer.device import Runtime, autocast, to_input
+from medxfer.engine import Engine
 from medxfer.models.classifier import XrayClassifier
+from medxfer.progress import track
 
 
 @dataclass(frozen=True)
@@ -43,25 +44,30 @@ def extract_features(
     indices: torch.Tensor,
     runtime: Runtime,
     view: View = View(),
+    *,
+    engine: Engine | None = None,
 ) -> torch.Tensor:
-    """Backbone features (len(indices), D) float32 on the CPU. Clean views are computed in
-    float32 (they are what a run is evaluated on, and ``evaluate`` must reproduce them);
-    augmented training views in the run's training precision."""
+    """Backbone features (len(indices), D) float32 on the CPU, through ``engine`` (default:
+    torch on ``model``). Clean views are computed in float32 (they are what a run is evaluated
+    on, and ``evaluate`` must reproduce them); augmented training views in the run's training
+    precision. Augmentation runs in torch on each batch before the engine."""
     model.eval()
+    engine = engine or Engine(model)
     generator = torch.Generator().manual_seed(view.seed)
     amp = None if view.clean else runtime.amp
     out = []
-    for chunk in tqdm(
+    for chunk in track(
         indices.split(runtime.batch_size),
-        desc="features" if view.clean else "augmented features",
-        disable=None if runtime.progress else True,
-        leave=False,
+        "features" if view.clean else f"augmented features (view seed {view.seed})",
+        total=len(indices),
+        size=len,
+        enabled=runtime.progress,
     ):
         x = to_input(pixels[chunk], runtime.device)
         if not view.clean:
             x = augment_batch(x, view.augmentation, generator)
         with autocast(runtime.device, amp):
-            out.append(model.features(x).float().cpu())
+            out.append(engine.features(x))
     return torch.cat(out) if out else torch.zeros(0, model.num_features)
 
 
