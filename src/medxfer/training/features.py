@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,16 +47,19 @@ def extract_features(
     view: View = View(),
     *,
     engine: Engine | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """Backbone features (len(indices), D) float32 on the CPU, through ``engine`` (default:
     torch on ``model``). Clean views are computed in float32 (they are what a run is evaluated
     on, and ``evaluate`` must reproduce them); augmented training views in the run's training
-    precision. Augmentation runs in torch on each batch before the engine."""
+    precision. Augmentation runs in torch on each batch before the engine. ``seconds`` (if
+    given) accumulates the time spent in ``augment`` and ``forward``."""
     model.eval()
     engine = engine or Engine(model)
     generator = torch.Generator().manual_seed(view.seed)
     amp = None if view.clean else runtime.amp
     out = []
+    seconds = {} if seconds is None else seconds
     for chunk in track(
         indices.split(runtime.batch_size),
         "features" if view.clean else f"augmented features (view seed {view.seed})",
@@ -63,11 +67,16 @@ def extract_features(
         size=len,
         enabled=runtime.progress,
     ):
+        started = time.perf_counter()
         x = to_input(pixels[chunk], runtime.device)
         if not view.clean:
             x = augment_batch(x, view.augmentation, generator)
+        between = time.perf_counter()
         with autocast(runtime.device, amp):
             out.append(engine.features(x))
+        ended = time.perf_counter()
+        seconds["augment"] = seconds.get("augment", 0.0) + between - started
+        seconds["forward"] = seconds.get("forward", 0.0) + ended - between
     return torch.cat(out) if out else torch.zeros(0, model.num_features)
 
 
