@@ -132,3 +132,20 @@ def test_resume_under_another_engine_is_allowed(tmp_path):
     folder.check_same(replace(a, engine="onnxruntime"))  # no error
     with pytest.raises(MedxferError, match="other settings"):
         folder.check_same(replace(a, lr=0.1))
+
+
+@pytest.mark.skipif(not MOBILENET_FILE.exists(), reason="MobileNet v2 weights not present")
+def test_similarity_stage_pools_agree_across_engines(small_kermany):
+    from medxfer.similarity.features import gray_batches, stage_features
+
+    network = create_model(ModelSpec("mobilenet_v2")).eval()
+    pixels = _kermany_pixels(small_kermany, 64)
+    names = ["features.3", "features.18", "pooled"]
+    got = {
+        engine: stage_features(network, gray_batches(network, pixels, 5), names, CPU, engine=engine)
+        for engine in ("torch", "onnxruntime")
+    }
+    for name in names:
+        assert got["torch"][name].shape[0] == len(pixels)
+        _assert_close(got["onnxruntime"][name], got["torch"][name])
+    _assert_close(got["torch"]["pooled"], Engine(network).features(pixels[:, None] / 255.0))

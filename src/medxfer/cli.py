@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, help="at most N images per domain")
     p.add_argument("--natural-gray", action="store_true", help="convert photos to gray too")
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help="see train --engine")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_similarity)
@@ -382,6 +383,7 @@ def _similarity(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         natural_gray=args.natural_gray,
         device_name=args.device,
+        engine=args.engine,
         progress=not args.quiet,
     )
     print(

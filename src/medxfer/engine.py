@@ -42,7 +42,8 @@ def resolve_engine(name: str, device: torch.device) -> str:
 
 
 class Engine:
-    """Forward passes of one network in eval mode: ``features`` (backbone) and ``logits``."""
+    """Forward passes of one network in eval mode: ``features`` (backbone) and ``logits``;
+    ``outputs`` runs any other module built on it (the similarity's per-stage pools)."""
 
     name = "torch"
 
@@ -57,6 +58,11 @@ class Engine:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x).float().cpu()
 
+    @torch.inference_mode()
+    def outputs(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = module(x)
+        return tuple(o.float().cpu() for o in (out if isinstance(out, tuple) else (out,)))
+
 
 class OnnxEngine(Engine):
     """The same two calls through onnxruntime graphs exported from the torch module (its
@@ -67,24 +73,28 @@ class OnnxEngine(Engine):
     def __init__(self, network: nn.Module, cache_dir: str | Path) -> None:
         super().__init__(network)
         self.folder = Path(cache_dir) / "engines"
-        self.sessions: dict[str, object] = {}
+        self.parts = {part: _Part(network, part) for part in ("features", "logits")}
+        self.sessions: dict[tuple, object] = {}
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run("features", x)
+        return self.outputs(self.parts["features"], x)[0]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run("logits", x)
+        return self.outputs(self.parts["logits"], x)[0]
 
-    def _run(self, part: str, x: torch.Tensor) -> torch.Tensor:
-        session = self.sessions.get(part) or self._session(part, x.shape[1:])
+    def outputs(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        shape = tuple(x.shape[1:])
+        session = self.sessions.get((id(module), shape)) or self._session(module, shape)
         array = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        return torch.from_numpy(session.run(None, {"image": array})[0])
+        return tuple(torch.from_numpy(a) for a in session.run(None, {"image": array}))
 
-    def _session(self, part: str, shape: torch.Size):
+    def _session(self, module: nn.Module, shape: tuple[int, ...]):
+        """The module's graph from the cache (exported on a miss), in an onnxruntime session
+        with as many intra-op threads as torch uses."""
         import onnxruntime as ort
 
-        module = _Part(self.network, part).eval()
-        path = self.folder / f"{graph_key(module, tuple(shape))}.onnx"
+        module.eval()
+        path = self.folder / f"{graph_key(module, shape)}.onnx"
         if not path.exists():
             write_with(path, lambda tmp: tmp.write_bytes(export_onnx(module, shape)))
         options = ort.SessionOptions()
@@ -92,7 +102,7 @@ class OnnxEngine(Engine):
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.sessions[part] = session
+        self.sessions[(id(module), shape)] = session
         return session
 
 
@@ -126,13 +136,15 @@ def export_onnx(module: nn.Module, shape: tuple[int, ...]) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        out = module(example)
+        outputs = [f"output{i}" for i in range(len(out) if isinstance(out, tuple) else 1)]
         torch.onnx.export(
             module,
             (example,),
             buffer,
             input_names=["image"],
-            output_names=["output"],
-            dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]},
             opset_version=17,
             dynamo=False,
         )
