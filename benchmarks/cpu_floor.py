@@ -6,6 +6,7 @@ machine can be recognised and re-measured):
     python benchmarks/cpu_floor.py --main --floor      # main job cold + warm, ratios to the floor
     python benchmarks/cpu_floor.py --floor --images 11000
     python benchmarks/cpu_floor.py --predict RUN       # predict the 624 test images
+    python benchmarks/cpu_floor.py --engines           # torch vs onnxruntime, allocator on/off
 
 ``--main`` runs ``medxfer train`` (MobileNet v2 transfer, 224 px, 20 epochs, 2 views) twice in
 a fresh cache: cold (decode + features) and warm (new output folder, same cache). ``--floor``
@@ -127,11 +128,53 @@ def predict(run: Path, batch: int) -> None:
     print(f"predict speed vs decode + bare forward: {bare / ours:.2f}")
 
 
+def engines(images: int, size: int, batch: int) -> None:
+    """Backbone img/s of each engine, with the allocator tuned and left alone, each in a
+    fresh process (mallopt is process-wide and cannot be undone)."""
+    for allocator in ("default", "tuned"):
+        for engine in ("torch", "onnxruntime"):
+            env = {**os.environ, "MEDXFER_ALLOCATOR": allocator}
+            command = [
+                sys.executable,
+                __file__,
+                "--forward",
+                engine,
+                "--images",
+                str(images),
+                "--size",
+                str(size),
+                "--batch",
+                str(batch),
+            ]
+            rate = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+            print(f"{engine:<12} allocator {allocator:<8} {rate.stdout.strip()} [{load()}]")
+
+
+def forward(engine_name: str, images: int, size: int, batch: int) -> None:
+    """One engine's img/s on random gray batches, as the feature cache runs it."""
+    from medxfer.engine import make_engine
+    from medxfer.models.factory import ModelSpec, create_model
+    from medxfer.runtime import tune_allocator
+
+    tune_allocator()
+    net = create_model(ModelSpec("mobilenet_v2", mode="scratch"))
+    net = net.to(memory_format=torch.channels_last).eval()
+    engine = make_engine(engine_name, net, tempfile.mkdtemp(prefix="medxfer-bench-"))
+    x = torch.rand(batch, 1, size, size)
+    engine.features(x), engine.features(x)  # export, warm-up
+    started = time.perf_counter()
+    for _ in range(images // batch):
+        engine.features(x)
+    print(f"{images // batch * batch / (time.perf_counter() - started):.1f} img/s")
+
+
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--main", action="store_true", help="main job, cold then warm")
     parser.add_argument("--floor", action="store_true", help="bare onnxruntime forward")
     parser.add_argument("--predict", type=Path, metavar="RUN", help="predict with this run")
+    parser.add_argument("--engines", action="store_true", help="torch vs onnxruntime img/s")
+    parser.add_argument("--forward", choices=["torch", "onnxruntime"], help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, help="floor: views (default: the main job's)")
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
@@ -139,6 +182,8 @@ def run() -> None:
     parser.add_argument("--limit-per-class", type=int, help="main: a subset, for a quick look")
     parser.add_argument("--keep", type=Path, help="main: keep the runs and cache here")
     args = parser.parse_args()
+    if args.forward:
+        return forward(args.forward, args.images or 256, args.size, args.batch)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
     extra = ["--views", str(args.views), "--image-size", str(args.size)]
     if WEIGHTS.exists():  # offline: the ImageNet file beside the checkout
@@ -160,6 +205,8 @@ def run() -> None:
             print(f"main job {name} / floor: {seconds / base:.2f}x")
     if args.predict:
         predict(args.predict, args.batch)
+    if args.engines:
+        engines(args.images or 256, args.size, args.batch)
 
 
 if __name__ == "__main__":

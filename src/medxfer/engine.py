@@ -65,8 +65,9 @@ class Engine:
 
 
 class OnnxEngine(Engine):
-    """The same two calls through onnxruntime graphs exported from the torch module (its
-    current weights and statistics), each built on first use."""
+    """The same calls through onnxruntime graphs exported from the torch module, each built
+    on first use from the weights and statistics the module has then: build a new engine
+    after changing them (the pipeline builds it after ``--bn adapt``)."""
 
     name = "onnxruntime"
 
