@@ -44,6 +44,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
             yield
 
 
+@contextlib.contextmanager
+def single_thread(device: torch.device) -> Iterator[None]:
+    """Torch ops on a CPU in one intra-op thread. Augmenting a batch of 8 images is too small
+    to share: with 2 threads it took 7-14x the CPU time of 1 thread (the threads spin and
+    synchronise; measured on 2 cores, see benchmarks/README.md)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def to_input(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, S, S) gray or (B, 3, S, S) colour -> float (B, C, S, S) in [0, 1] on ``device``."""
     x = pixels.to(device, non_blocking=True)

@@ -19,7 +19,7 @@ from torch import nn
 
 from medxfer.atomic import write_json, write_with
 from medxfer.data.augment import Augmentation, augment_batch
-from medxfer.device import Runtime, autocast, to_input
+from medxfer.device import Runtime, autocast, single_thread, to_input
 from medxfer.engine import Engine
 from medxfer.models.classifier import XrayClassifier
 from medxfer.progress import track
@@ -68,9 +68,10 @@ def extract_features(
         enabled=runtime.progress,
     ):
         started = time.perf_counter()
-        x = to_input(pixels[chunk], runtime.device)
-        if not view.clean:
-            x = augment_batch(x, view.augmentation, generator)
+        with single_thread(runtime.device):
+            x = to_input(pixels[chunk], runtime.device)
+            if not view.clean:
+                x = augment_batch(x, view.augmentation, generator)
         between = time.perf_counter()
         with autocast(runtime.device, amp):
             out.append(engine.features(x))
