@@ -46,9 +46,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def single_thread(device: torch.device) -> Iterator[None]:
-    """Torch ops on a CPU in one intra-op thread. Augmenting a batch of 8 images is too small
-    to share: with 2 threads it took 7-14x the CPU time of 1 thread (the threads spin and
-    synchronise; measured on 2 cores, see benchmarks/README.md)."""
+    """Torch ops on a CPU in one intra-op thread, for work too small to share: augmenting a
+    batch of 8 images took 7-14x the CPU time with 2 threads than with 1, and an epoch of a
+    linear head on cached features 6-40x the time (the threads spin and synchronise; measured
+    on 2 busy cores, see benchmarks/README.md)."""
     if device.type != "cpu":
         yield
         return

@@ -8,6 +8,7 @@ input fails in the first two stages, before the run folder is touched.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from medxfer.data.augment import get_augmentation
 from medxfer.data.cache import DECODER_VERSION, default_cache_dir
 from medxfer.data.options import DataOptions
 from medxfer.data.prepared import PreparedData, prepare_data
-from medxfer.device import Runtime
+from medxfer.device import Runtime, single_thread
 from medxfer.engine import make_engine
 from medxfer.errors import MedxferError
 from medxfer.evaluation.calibration import expected_calibration_error, fit_temperature
@@ -110,9 +111,12 @@ def train(
     started = time.perf_counter()
     folder.write_config(cfg, resolved(ctx))
     inputs = prepare_inputs(ctx, network, adapted=state.epoch > 0)
-    state = fit_stage(ctx, network, inputs, state, folder, log=log)
-    inputs.trainable.load_state_dict(state.best_state)  # strict: the selected epoch exactly
-    outcome = assess(ctx, network, inputs, state)
+    # a linear head on cached features is too small a job to share between threads
+    small = single_thread(runtime.device) if cfg.uses_feature_cache else contextlib.nullcontext()
+    with small:
+        state = fit_stage(ctx, network, inputs, state, folder, log=log)
+        inputs.trainable.load_state_dict(state.best_state)  # strict: the selected epoch exactly
+        outcome = assess(ctx, network, inputs, state)
     outcome.metrics["seconds"] = {
         "total": loaded + time.perf_counter() - started,
         "data": loaded,  # hashing, and decoding on a cold cache
