@@ -111,6 +111,9 @@ def test_run_records_engine_and_keys_cache(small_kermany, tmp_path):
         cfg = replace(base, engine=engine, out=str(tmp_path / engine))
         runs[engine] = train(cfg, progress=False, log=lambda _m: None)
         assert runs[engine].read_resolved()["engine"] == engine
+    seconds = runs["torch"].read_metrics()["seconds"]
+    assert seconds["forward"] > 0 and seconds["augment"] > 0 and seconds["data"] > 0
+    assert seconds["total"] >= seconds["data"] + seconds["features"] + seconds["epochs"]
     keys = [json.loads(p.read_text()) for p in (cache / "features").glob("*.json")]
     assert sorted(k["engine"] for k in keys) == ["onnxruntime"] * 2 + ["torch"] * 2
     test = {e: run.read_predictions("test").probability.to_numpy() for e, run in runs.items()}
