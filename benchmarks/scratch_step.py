@@ -6,60 +6,60 @@ no evaluation). Baseline, in the same process: the same model (channels-last) on
 tensors already in memory, forward + backward + Adam step at the same batch size.
 
     python benchmarks/scratch_step.py --arch resnet18 --size 128 --images 256
+    python benchmarks/scratch_step.py --arch all --size 224 --images 128   # the paper's eight
+
+Each line carries the 1-minute load average: numbers taken on a busy machine are re-measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from medxfer.data.augment import get_augmentation
-from medxfer.models.factory import ModelSpec, create_model
-from medxfer.training.loop import ImageSource, TrainState, build_optimizer, fit
+from medxfer.models.factory import PAPER_ARCHS, ModelSpec, create_model
+from medxfer.runtime import tune_allocator
+from medxfer.tasks import make_task
+from medxfer.training.loop import ImageSource, Schedule, TrainState, build_optimizer, fit
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--arch", default="resnet18", help="an architecture, or all")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    print(f"allocator: {tune_allocator()}")  # as the medxfer command does
+    for arch in PAPER_ARCHS if args.arch == "all" else [args.arch]:
+        measure(arch, args)
+
+
+def measure(arch: str, args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     torch.manual_seed(0)
     pixels = torch.randint(0, 256, (args.images, args.size, args.size), dtype=torch.uint8)
     labels = torch.randint(0, 2, (args.images,))
-    splits = {"train": torch.arange(args.images)}
-
-    model = create_model(ModelSpec(args.arch, mode="scratch")).to(memory_format=torch.channels_last)
+    data = SimpleNamespace(splits={"train": torch.arange(args.images)}, targets=labels)
+    task = make_task("binary", ["a", "b"])
+    model = create_model(ModelSpec(arch, mode="scratch")).to(memory_format=torch.channels_last)
     source = ImageSource(
         model, pixels, device, get_augmentation("paper"), seed=0, eval_batch_size=8
     )
     opt = build_optimizer(model.parameters(), "adam", 1e-3, 0.0, 0.9)
 
     def ours() -> None:
-        fit(
-            source,
-            labels,
-            splits,
-            epochs=1,
-            batch_size=args.batch_size,
-            optimizer=opt,
-            device=device,
-            amp=None,
-            select="last",
-            seed=0,
-            state=TrainState(),
-            progress=False,
-            log=lambda _: None,
-        )
+        schedule = Schedule(opt, 1, args.batch_size, "last", 0)
+        fit(source, data, task, schedule, TrainState(), progress=False, log=lambda _: None)
 
-    bare = create_model(ModelSpec(args.arch, mode="scratch")).backbone
+    bare = create_model(ModelSpec(arch, mode="scratch")).backbone
     head = torch.nn.Linear(model.num_features, 1)
     bare.to(memory_format=torch.channels_last).train()
     bare_opt = build_optimizer(
@@ -80,7 +80,7 @@ def main() -> None:
             bare_opt.step()
 
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.arch} at "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {arch} at "
         f"{args.size} px, {args.images} images, batch {args.batch_size}"
     )
     ours(), baseline()  # warm-up
@@ -91,7 +91,10 @@ def main() -> None:
             fn()
             samples[name].append(args.images / (time.perf_counter() - started))
     a, b = statistics.median(samples["medxfer"]), statistics.median(samples["bare"])
-    print(f"medxfer {a:.1f} img/s, bare step {b:.1f} img/s, ratio {a / b:.2f}")
+    print(
+        f"{arch}: medxfer {a:.1f} img/s, bare step {b:.1f} img/s, ratio {a / b:.2f} "
+        f"[load {os.getloadavg()[0]:.1f}]"
+    )
 
 
 if __name__ == "__main__":

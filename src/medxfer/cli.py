@@ -12,6 +12,7 @@ import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from medxfer.config import ENGINES
 from medxfer.errors import MedxferError, MedxferWarning
 
 TRAIN_HELP = {
@@ -44,6 +45,8 @@ TRAIN_HELP = {
     "calibrate": "temperature: fit a temperature on validation logits (Guo et al. 2017)",
     "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps",
     "amp": "mixed precision on CUDA (bf16 where supported)",
+    "engine": "who runs frozen networks forward (features, evaluation, predict): auto "
+    "(onnxruntime on a CPU, torch elsewhere), torch or onnxruntime",
     "skip_bad": "leave unreadable images out (listed in metrics.json) instead of stopping",
     "bootstrap": "bootstrap resamples for the 95%% intervals of test metrics (0: none)",
     "limit_per_class": "use at most N images per class in each split (quick looks, tests)",
@@ -56,10 +59,13 @@ TRAIN_HELP = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from medxfer.runtime import tune_allocator
+
     warnings.formatwarning = _format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        tune_allocator(args.allocator)
         return args.handler(args) or 0
     except MedxferError as exc:
         print(f"medxfer: error: {exc}", file=sys.stderr)
@@ -88,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="ImageNet feature transfer vs training from scratch on "
         "medical images (Gu & Lee, Bioengineering 2024).",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=["tuned", "default"],
+        default=None,
+        help="tuned: keep freed activation buffers in glibc's heap (faster on CPUs); default: "
+        "leave malloc alone (default: $MEDXFER_ALLOCATOR, else tuned)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one run (resumes an interrupted one)")
@@ -104,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--threshold", type=float, default=None, help="default: the run's own")
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=ENGINES, help="default: the run's own")
     p.add_argument("--json", type=Path, help="also write the metrics to this file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_evaluate)
@@ -139,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=ENGINES, help="default: the run's own")
     p.add_argument("--quiet", action="store_true")
     _add_max_pixels(p)
     p.set_defaults(handler=_predict)
@@ -171,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of that sample (default: 0)")
     p.add_argument("--natural-gray", action="store_true", help="convert photos to gray too")
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help="see train --engine")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_similarity)
@@ -294,6 +310,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         threshold=args.threshold,
         device_name=args.device,
+        engine=args.engine,
         progress=not args.quiet,
     )
     if args.json:
@@ -362,13 +379,14 @@ def _predict(args: argparse.Namespace) -> int:
 
     model = TrainedModel.load(args.run)
     files = expand_inputs(args.inputs)
-    model.to(select_device(args.device))
+    model.to(select_device(args.device), args.engine)
     rows = predict_files(
         model,
         files,
         threshold=args.threshold,
         batch_size=args.batch_size,
         max_pixels=args.max_pixels,
+        progress=not args.quiet,
     )
     if args.out and args.out.suffix.lower() == ".json":
         write_json(args.out, rows.astype(object).where(rows.notna(), None).to_dict("records"))
@@ -411,6 +429,7 @@ def _similarity(args: argparse.Namespace) -> int:
         natural_gray=args.natural_gray,
         seed=args.seed,
         device_name=args.device,
+        engine=args.engine,
         progress=not args.quiet,
     )
     print(

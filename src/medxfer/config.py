@@ -20,6 +20,7 @@ CALIBRATIONS = ("none", "temperature")
 SELECTIONS = ("val_loss", "val_auc", "last")
 TRACKERS = ("none", "mlflow")
 SWITCHES = ("feature_cache", "amp", "skip_bad")  # must be real booleans ("no" reads as true)
+ENGINES = ("auto", "torch", "onnxruntime")
 
 
 @dataclass
@@ -56,6 +57,7 @@ class RunConfig:
     calibrate: str = "none"  # none | temperature (fitted on validation data)
     seed: int = 0
     device: str = "auto"
+    engine: str = "auto"  # frozen forward passes: auto = onnxruntime on a CPU, torch elsewhere
     amp: bool = True
     skip_bad: bool = False
     bootstrap: int = 1000
@@ -69,6 +71,7 @@ class RunConfig:
     RESUMABLE_DIFFERENCES = (
         "out",
         "device",
+        "engine",
         "cache_dir",
         "eval_batch_size",
         "track",
@@ -125,6 +128,7 @@ class RunConfig:
             ("calibrate", CALIBRATIONS),
             ("select", SELECTIONS),
             ("track", TRACKERS),
+            ("engine", ENGINES),
         ):
             if getattr(self, name) not in allowed:
                 raise MedxferError(

@@ -44,6 +44,23 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
             yield
 
 
+@contextlib.contextmanager
+def single_thread(device: torch.device) -> Iterator[None]:
+    """Torch ops on a CPU in one intra-op thread, for work too small to share: augmenting a
+    batch of 8 images took 7-14x the CPU time with 2 threads than with 1, and an epoch of a
+    linear head on cached features 6-40x the time (the threads spin and synchronise; measured
+    on 2 busy cores, see benchmarks/README.md)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def to_input(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, S, S) gray or (B, 3, S, S) colour -> float (B, C, S, S) in [0, 1] on ``device``."""
     x = pixels.to(device, non_blocking=True)
@@ -64,6 +81,7 @@ class Runtime:
     amp: torch.dtype | None = None  # training precision on CUDA; evaluation is always float32
     batch_size: int = 8  # inference batch size
     progress: bool = True
+    engine: str = "torch"  # frozen forward passes: torch or onnxruntime (see medxfer.engine)
 
     @classmethod
     def create(
@@ -73,8 +91,15 @@ class Runtime:
         amp: bool = True,
         batch_size: int | None = None,
         progress: bool = True,
+        engine: str = "auto",
     ) -> Runtime:
+        from medxfer.engine import resolve_engine
+
         device = select_device(device_name)
         return cls(
-            device, amp_dtype(device, amp), inference_batch_size(batch_size, device), progress
+            device,
+            amp_dtype(device, amp),
+            inference_batch_size(batch_size, device),
+            progress,
+            resolve_engine(engine, device),
         )

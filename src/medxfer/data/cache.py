@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from medxfer.cache import ArrayCache, default_cache_dir
 from medxfer.data.images import MAX_PIXELS, as_color, load_image, resize_square, to_model_layout
 from medxfer.data.sources import ImageSet
 from medxfer.errors import MedxferError
+from medxfer.progress import track
 
 DECODER_VERSION = 1
 
@@ -107,15 +107,7 @@ def _decode_all(
             errors.append((record.source, reason))
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(
-            tqdm(
-                pool.map(work, range(n)),
-                total=n,
-                desc=f"decode {size}px",
-                disable=None if progress else True,
-                leave=False,
-            )
-        )
+        list(track(pool.map(work, range(n)), f"decode {size}px", total=n, enabled=progress))
     errors.sort()
     return Decoded(pixels, ok, errors, "", [])
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from medxfer.data.images import (
     to_uint8,
 )
 from medxfer.errors import MedxferError
+from medxfer.progress import track
 from medxfer.run.trained import TrainedModel
 
 
@@ -44,18 +47,26 @@ Input = str | Path | np.ndarray
 
 
 def load_inputs(
-    model: TrainedModel, files: list[Input], max_pixels: int = MAX_PIXELS
+    model: TrainedModel,
+    files: list[Input],
+    *,
+    max_pixels: int = MAX_PIXELS,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, list[str | None]]:
     """Decoded images of ``files`` (paths, or arrays already in memory) in the model's input
     format, and per input its error (None for those that decoded; they are the rows of the
-    tensor, in order)."""
-    pixels, errors = [], []
-    for f in files:
+    tensor, in order). Decoded on every core: PIL releases the GIL while it decodes."""
+
+    def decode(item: Input) -> np.ndarray | str:
         try:
-            pixels.append(decode_input(model, f, max_pixels))
-            errors.append(None)
+            return decode_input(model, item, max_pixels)
         except MedxferError as exc:
-            errors.append(str(exc).removeprefix(f"{f}: "))
+            return str(exc).removeprefix(f"{item}: ")
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = list(track(pool.map(decode, files), "decode", total=len(files), enabled=progress))
+    pixels = [r for r in results if not isinstance(r, str)]
+    errors = [r if isinstance(r, str) else None for r in results]
     shape = (0, model.resolution, model.resolution)
     if model.channels == 3:
         shape = (0, 3, model.resolution, model.resolution)
@@ -89,12 +100,13 @@ def predict_files(
     threshold: float | None = None,
     batch_size: int | None = None,
     max_pixels: int = MAX_PIXELS,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """A row per file: ``file``, the probability of the positive class (binary) or one
     ``probability_NAME`` column per class/label, ``predicted``, and ``error`` for a file that
     could not be read (the others still get their answers)."""
     cut = model.operating_points(threshold)
-    pixels, errors = load_inputs(model, files, max_pixels)
+    pixels, errors = load_inputs(model, files, max_pixels=max_pixels, progress=progress)
     prob = model.probabilities(pixels, batch_size)
     decided = model.task.names(model.decide(prob, cut)) if len(prob) else []
     frame = pd.DataFrame({"file": [input_name(f, i) for i, f in enumerate(files)]})

@@ -161,6 +161,7 @@ def environment() -> dict[str, Any]:
     import torchvision
 
     import medxfer
+    from medxfer.runtime import allocator_status
 
     return {
         "medxfer": medxfer.__version__,
@@ -172,6 +173,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": _git_commit(),
+        "allocator": allocator_status(),
     }
 
 

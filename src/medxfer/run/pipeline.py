@@ -8,10 +8,11 @@ input fails in the first two stages, before the run folder is touched.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from medxfer.data.augment import get_augmentation
 from medxfer.data.cache import DECODER_VERSION, default_cache_dir
 from medxfer.data.options import DataOptions
 from medxfer.data.prepared import PreparedData, prepare_data
-from medxfer.device import Runtime
+from medxfer.device import Runtime, single_thread
+from medxfer.engine import make_engine
 from medxfer.errors import MedxferError
 from medxfer.evaluation.calibration import expected_calibration_error, fit_temperature
 from medxfer.evaluation.intervals import bootstrap_intervals
@@ -77,7 +79,7 @@ class Inputs:
     the head; ``trainable`` is the module whose state the loop saves and restores."""
 
     source: ImageSource | FeatureSource
-    feature_seconds: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)  # features: augment, forward
 
     @property
     def trainable(self) -> nn.Module:
@@ -124,7 +126,9 @@ def _train_locked(
     log: Log,
     handlers: Sequence[Handler],
 ) -> RunFolder:
+    loading = time.perf_counter()
     ctx = load_data(cfg, runtime)
+    loaded = time.perf_counter() - loading
     network = build_network(ctx)
     state = resume(folder, ctx, network, overwrite, log)
     started = time.perf_counter()
@@ -134,12 +138,18 @@ def _train_locked(
         handler.started(folder, cfg)
     try:
         inputs = prepare_inputs(ctx, network, adapted=state.epoch > 0)
-        state = fit_stage(ctx, network, inputs, state, folder, log=log, handlers=handlers)
-        inputs.trainable.load_state_dict(state.best_state)  # strict: the selected epoch exactly
-        outcome = assess(ctx, network, inputs, state)
+        # a linear head on cached features is too small a job to share between threads
+        small = (
+            single_thread(runtime.device) if cfg.uses_feature_cache else contextlib.nullcontext()
+        )
+        with small:
+            state = fit_stage(ctx, network, inputs, state, folder, log=log, handlers=handlers)
+            inputs.trainable.load_state_dict(state.best_state)  # strict: the selected epoch
+            outcome = assess(ctx, network, inputs, state)
         outcome.metrics["seconds"] = {
-            "total": time.perf_counter() - started,
-            "features": inputs.feature_seconds,
+            "total": loaded + time.perf_counter() - started,
+            "data": loaded,  # hashing, and decoding on a cold cache
+            **inputs.seconds,  # features: augment and forward (zero on a warm feature cache)
             "epochs": sum(r["seconds"] for r in state.history),
         }
         write(folder, outcome)
@@ -157,7 +167,11 @@ def validate(cfg: RunConfig, progress: bool) -> Runtime:
     """Files and device; option values were checked when ``cfg`` was built."""
     cfg.model_spec.check_files()
     return Runtime.create(
-        cfg.device, amp=cfg.amp, batch_size=cfg.eval_batch_size, progress=progress
+        cfg.device,
+        amp=cfg.amp,
+        batch_size=cfg.eval_batch_size,
+        progress=progress,
+        engine=cfg.engine,
     )
 
 
@@ -200,6 +214,12 @@ def resume(
     if not folder.has_run():
         return TrainState()
     folder.check_same(ctx.cfg)
+    before = folder.read_resolved().get("engine", "torch")
+    if before != ctx.runtime.engine:
+        log(
+            f"{folder.path}: resuming under engine {ctx.runtime.engine} (was {before}); "
+            "features are cached per engine"
+        )
     checkpoint = folder.file(RunFolder.CHECKPOINT)
     saved = load_checkpoint_or_none(checkpoint) if checkpoint.exists() else None
     if saved is None:  # none, or unreadable (warned): start afresh
@@ -228,7 +248,8 @@ def prepare_inputs(ctx: Context, network: XrayClassifier, adapted: bool) -> Inpu
         )
         return Inputs(source)
     started = time.perf_counter()
-    clean, clean_idx, views = _cached_features(ctx, network, augmentation)
+    seconds = {"augment": 0.0, "forward": 0.0}
+    clean, clean_idx, views = _cached_features(ctx, network, augmentation, seconds)
     source = FeatureSource(
         network.head,
         clean,
@@ -238,7 +259,7 @@ def prepare_inputs(ctx: Context, network: XrayClassifier, adapted: bool) -> Inpu
         device=runtime.device,
         seed=cfg.seed,
     )
-    return Inputs(source, time.perf_counter() - started)
+    return Inputs(source, {"features": time.perf_counter() - started, **seconds})
 
 
 def fit_stage(
@@ -359,17 +380,24 @@ def evaluate(
     split: str = "test",
     threshold: float | None = None,
     device_name: str = "auto",
+    engine: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Metrics of a finished run's model on ``split`` of a dataset. On the run's own data the
     run's splits are used (its validation fold, its subset); elsewhere the dataset's own.
     The run's data is recognised by its content (``data_key``), not its path: a relative
     ``--data`` seen from another directory, or a copy, is still the run's data, and its
-    dataset-level validation images may have been in the run's training pool."""
+    dataset-level validation images may have been in the run's training pool.
+    ``engine`` None: the run's own ``--engine``."""
     model = TrainedModel.load(run)
     cut = model.operating_points(threshold)  # a bad --threshold fails before any data is read
     cfg = model.config
-    runtime = Runtime.create(device_name, progress=progress, batch_size=cfg.eval_batch_size)
+    runtime = Runtime.create(
+        device_name,
+        progress=progress,
+        batch_size=cfg.eval_batch_size,
+        engine=engine or cfg.engine,
+    )
     ctx, same = _run_data(model, data_location, runtime, _recorded_data_key(run))
     if tuple(ctx.task.classes) != tuple(model.classes):
         raise MedxferError(
@@ -379,7 +407,8 @@ def evaluate(
     if split not in ctx.data.splits:
         raise MedxferError(f"{data_location}: no {split!r} split")
     idx = ctx.data.splits[split]
-    logits = model.to(runtime.device).logits(ctx.data.pixels[idx], runtime.batch_size)
+    model.to(runtime.device, runtime.engine, ctx.cache_dir)
+    logits = model.logits(ctx.data.pixels[idx], runtime.batch_size)
     prob = model.task.probabilities(logits, model.temperature)
     scores = model.task.scores(logits, model.temperature)
     y = ctx.data.targets[idx].numpy()
@@ -451,12 +480,13 @@ def _adapt(network: XrayClassifier, data: PreparedData, runtime: Runtime) -> Non
         )
 
 
-def _cached_features(ctx: Context, network: XrayClassifier, augmentation):
+def _cached_features(ctx: Context, network: XrayClassifier, augmentation, seconds: dict):
     """Clean features of val/test (and train when not augmenting), and K augmented views of
     train, from the feature cache."""
     cfg, data, runtime = ctx.cfg, ctx.data, ctx.runtime
     cache = FeatureCache(ctx.cache_dir)
     base = _feature_key(ctx)
+    engine = make_engine(runtime.engine, network, ctx.cache_dir)
     train_idx = data.splits["train"]
     # With augmentation, training reads only augmented views: the clean view is needed for
     # evaluation alone, which saves one backbone pass over the training images.
@@ -465,7 +495,9 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation):
         clean_idx = torch.cat([train_idx, clean_idx])
     clean = cache.get(
         {**base, "view": "clean", "dtype": "float32", "rows": data.index_key(clean_idx)},
-        lambda: extract_features(network, data.pixels, clean_idx, runtime),
+        lambda: extract_features(
+            network, data.pixels, clean_idx, runtime, engine=engine, seconds=seconds
+        ),
     )
     if augmentation is None:
         return clean, clean_idx, None
@@ -483,7 +515,9 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation):
         views.append(
             cache.get(
                 key,
-                lambda view=view: extract_features(network, data.pixels, train_idx, runtime, view),
+                lambda view=view: extract_features(
+                    network, data.pixels, train_idx, runtime, view, engine=engine, seconds=seconds
+                ),
             )
         )
     return clean, clean_idx, torch.stack(views)
@@ -506,6 +540,7 @@ def _feature_key(ctx: Context) -> dict:
         "decoder": DECODER_VERSION,
         "libraries": [torch.__version__, torchvision.__version__, timm.__version__],
         "device": ctx.runtime.device.type,
+        "engine": ctx.runtime.engine,
     }
     if cfg.bn == "adapt":
         key["adapted_on"] = ctx.data.index_key(ctx.data.splits["train"])
@@ -685,6 +720,7 @@ def resolved(ctx: Context) -> dict:
         "loss": losses[ctx.task.name],
         "feature_cache": cfg.uses_feature_cache,
         "device": str(runtime.device),
+        "engine": runtime.engine,
         "amp": str(runtime.amp) if runtime.amp else None,
         "evaluation_precision": "float32",
         "threads": torch.get_num_threads(),

@@ -4,7 +4,7 @@ points, temperature, input format). The only code that knows ``model.pt``."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 from medxfer.atomic import write_with
 from medxfer.config import RunConfig
 from medxfer.device import inference_batch_size, to_input
+from medxfer.engine import Engine, make_engine, resolve_engine
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
 from medxfer.run.folder import RunFolder
@@ -32,6 +33,7 @@ class TrainedModel:
     temperature: float = 1.0
     color: str = "gray"  # input channels: gray (1) or rgb (3)
     source: Path | None = None  # the run folder it was loaded from, if any
+    engine: Engine | None = field(default=None, repr=False, compare=False)  # see ``to``
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -102,20 +104,33 @@ class TrainedModel:
         )
 
     # -- use ----------------------------------------------------------------------------
-    def to(self, device: torch.device) -> TrainedModel:
-        self.network.to(device, memory_format=torch.channels_last)
+    def to(
+        self,
+        device: torch.device,
+        engine: str | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> TrainedModel:
+        """Move the network to ``device`` and choose who runs it forward: ``engine`` auto,
+        torch or onnxruntime (None: the run's own ``--engine``); an onnxruntime graph is kept
+        in ``cache_dir`` (default: the run's cache, else the default cache)."""
+        from medxfer.data.cache import default_cache_dir
+
+        self.network.to(device, memory_format=torch.channels_last).eval()
+        name = resolve_engine(engine or self.config.engine, device)
+        cache = cache_dir or self.config.cache_dir or default_cache_dir()
+        self.engine = make_engine(name, self.network, cache)
         return self
 
-    @torch.inference_mode()
     def logits(self, pixels: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
         """Logits (float64) of uint8 images (B, S, S) gray or (B, 3, S, S) colour, computed in
-        float32 on the network's device, in batches."""
+        float32 on the network's device by the engine chosen in ``to``, in batches."""
         device = next(self.network.parameters()).device
+        if self.engine is None:
+            self.to(device)
         self.network.eval()
         batch = inference_batch_size(batch_size, device)
-        out = [
-            self.network(to_input(chunk, device)).double().cpu() for chunk in pixels.split(batch)
-        ]
+        with torch.inference_mode():
+            out = [self.engine.logits(to_input(c, device)).double() for c in pixels.split(batch)]
         if not out:
             return np.zeros((0,) if self.task.outputs == 1 else (0, self.task.outputs))
         return torch.cat(out).numpy()

@@ -63,6 +63,7 @@ def measure(
     natural_gray: bool = False,
     seed: int = 0,
     device_name: str = "auto",
+    engine: str = "auto",
     progress: bool = True,
 ) -> dict:
     """Compute every measure per stage and write ``similarity.json`` and ``similarity.png``.
@@ -102,8 +103,10 @@ def measure(
     batch = inference_batch_size(None, device)
 
     def features(model: XrayClassifier) -> tuple[dict, dict]:
-        nat = stage_features(model, rgb_batches(model, photos, batch), names, device, progress)
-        med = stage_features(model, gray_batches(model, medical, batch), names, device, progress)
+        nat, med = (
+            stage_features(model, batches, names, device, progress, engine=engine)
+            for batches in (rgb_batches(model, photos, batch), gray_batches(model, medical, batch))
+        )
         return nat, med
 
     pre_nat, pre_med = features(pretrained)

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
+from torch import nn
 
 from medxfer.data.images import RASTER_SUFFIXES
 from medxfer.device import to_input
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.stages import backbone_stages
+from medxfer.progress import track
 
 POOLED = "pooled"  # the backbone's final feature vector, the head's input
 
@@ -62,40 +63,62 @@ def stage_names(model: XrayClassifier, layers: list[str] | None) -> list[str]:
     return layers
 
 
-@torch.inference_mode()
+class StagePools(nn.Module):
+    """The backbone on normalised RGB, returning the global-average-pooled output of each named
+    stage (``pooled``: the backbone's own output), in the order of ``names``. One module for
+    both engines: PyTorch runs it, onnxruntime runs its exported graph."""
+
+    def __init__(self, backbone: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.backbone, self.names = backbone, list(names)
+
+    def forward(self, rgb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        modules = dict(backbone_stages(self.backbone))
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def keep(_module, _inputs, output):
+                out = output[0] if isinstance(output, tuple) else output
+                captured[name] = out.mean(dim=(2, 3)) if out.ndim == 4 else out
+
+            return keep
+
+        handles = [modules[n].register_forward_hook(hook(n)) for n in self.names if n != POOLED]
+        try:
+            pooled = self.backbone(rgb)
+        finally:
+            for handle in handles:
+                handle.remove()
+        captured[POOLED] = pooled[0] if isinstance(pooled, tuple) else pooled
+        return tuple(captured[n] for n in self.names)
+
+    def extra_repr(self) -> str:
+        return ", ".join(self.names)
+
+
 def stage_features(
     model: XrayClassifier,
     rgb_batches: Iterable[torch.Tensor],
     names: list[str],
     device: torch.device,
     progress: bool = False,
+    *,
+    engine: str = "auto",
 ) -> dict[str, torch.Tensor]:
-    """Run normalised RGB batches through the backbone; pooled output of each named stage.
+    """Run normalised RGB batches through the backbone (``engine``: see ``medxfer.engine``);
+    pooled output of each named stage."""
+    from medxfer.data.cache import default_cache_dir
+    from medxfer.engine import make_engine, resolve_engine
 
-    The features stay on ``device``: the distances are computed there (see ``measures``).
-    """
-    modules = dict(backbone_stages(model.backbone))
-    captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-
-    def hook(name):
-        def keep(_module, _inputs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            captured[name].append((out.mean(dim=(2, 3)) if out.ndim == 4 else out).float())
-
-        return keep
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names if n != POOLED]
     model.eval().to(device)
-    try:
-        for batch in tqdm(
-            rgb_batches, desc="features", disable=None if progress else True, leave=False
-        ):
-            pooled = model.backbone(batch.to(device))
-            if POOLED in captured:
-                captured[POOLED].append(pooled.float())
-    finally:
-        for handle in handles:
-            handle.remove()
+    runner = make_engine(resolve_engine(engine, device), model, default_cache_dir())
+    pools = StagePools(model.backbone, names)
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for batch in track(rgb_batches, "stage features", size=len, enabled=progress):
+        with torch.inference_mode():
+            outputs = runner.outputs(pools, batch.to(device))
+        for name, out in zip(names, outputs, strict=True):
+            captured[name].append(out)
     return {n: torch.cat(v) for n, v in captured.items()}
 
 

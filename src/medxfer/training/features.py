@@ -6,18 +6,20 @@ and every epoch trains the head on stored features.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from medxfer.cache import ArrayCache
 from medxfer.data.augment import Augmentation, augment_batch
-from medxfer.device import Runtime, autocast, to_input
+from medxfer.device import Runtime, autocast, single_thread, to_input
+from medxfer.engine import Engine
 from medxfer.models.classifier import XrayClassifier
+from medxfer.progress import track
 
 
 @dataclass(frozen=True)
@@ -40,25 +42,39 @@ def extract_features(
     indices: torch.Tensor,
     runtime: Runtime,
     view: View = View(),
+    *,
+    engine: Engine | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> torch.Tensor:
-    """Backbone features (len(indices), D) float32 on the CPU. Clean views are computed in
-    float32 (they are what a run is evaluated on, and ``evaluate`` must reproduce them);
-    augmented training views in the run's training precision."""
+    """Backbone features (len(indices), D) float32 on the CPU, through ``engine`` (default:
+    torch on ``model``). Clean views are computed in float32 (they are what a run is evaluated
+    on, and ``evaluate`` must reproduce them); augmented training views in the run's training
+    precision. Augmentation runs in torch on each batch before the engine. ``seconds`` (if
+    given) accumulates the time spent in ``augment`` and ``forward``."""
     model.eval()
+    engine = engine or Engine(model)
     generator = torch.Generator().manual_seed(view.seed)
     amp = None if view.clean else runtime.amp
     out = []
-    for chunk in tqdm(
+    seconds = {} if seconds is None else seconds
+    for chunk in track(
         indices.split(runtime.batch_size),
-        desc="features" if view.clean else "augmented features",
-        disable=None if runtime.progress else True,
-        leave=False,
+        "features" if view.clean else f"augmented features (view seed {view.seed})",
+        total=len(indices),
+        size=len,
+        enabled=runtime.progress,
     ):
-        x = to_input(pixels[chunk], runtime.device)
-        if not view.clean:
-            x = augment_batch(x, view.augmentation, generator)
+        started = time.perf_counter()
+        with single_thread(runtime.device):
+            x = to_input(pixels[chunk], runtime.device)
+            if not view.clean:
+                x = augment_batch(x, view.augmentation, generator)
+        between = time.perf_counter()
         with autocast(runtime.device, amp):
-            out.append(model.features(x).float().cpu())
+            out.append(engine.features(x))
+        ended = time.perf_counter()
+        seconds["augment"] = seconds.get("augment", 0.0) + between - started
+        seconds["forward"] = seconds.get("forward", 0.0) + ended - between
     return torch.cat(out) if out else torch.zeros(0, model.num_features)
 
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from medxfer.data.augment import Augmentation, augment_batch
 from medxfer.device import autocast, to_input
 from medxfer.evaluation.metrics import task_metrics
 from medxfer.models.classifier import HeadOnly
+from medxfer.progress import track
 from medxfer.tasks import Task
 
 AUX_LOSS_WEIGHT = 0.4  # Inception v3's auxiliary classifier, as in torchvision's references
@@ -222,11 +222,13 @@ def fit(
         seen = 0
         perm = train_idx[torch.randperm(len(train_idx), generator=order)]
         batches = perm.split(schedule.batch_size)
-        for chunk in tqdm(
+        for chunk in track(
             batches,
-            desc=f"epoch {epoch}/{schedule.epochs}",
-            disable=None if progress else True,
-            leave=False,
+            f"epoch {epoch}/{schedule.epochs}",
+            total=len(train_idx),
+            size=len,
+            enabled=progress,
+            phase=False,
         ):
             target = targets[chunk.to(device)]
             with autocast(device, schedule.amp):
