@@ -147,6 +147,12 @@ def test_json_endpoint_answers_each_file(server, example, small_kermany, tmp_pat
     too_many = [("files", (f"{i}.jpeg", BROKEN, "image/jpeg")) for i in range(17)]
     refused = requests.post(server + "api/predict", files=too_many, timeout=60)
     assert refused.status_code == 413 and "at most 16 files" in refused.json()["detail"]
+    # a body larger than all files together may be is refused from its length, before upload
+    from medxfer.serve import MAX_REQUEST
+
+    head = {"Content-Length": str(MAX_REQUEST + 1), "Content-Type": "multipart/form-data"}
+    huge = requests.post(server + "api/predict", data=b"", headers=head, timeout=30)
+    assert huge.status_code == 413 and "request larger than" in huge.json()["detail"]
     about = requests.get(server + "api/model", timeout=30).json()
     assert about["notice"] == NOTICE and about["card"]["task"] == "binary"
 

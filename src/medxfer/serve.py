@@ -9,6 +9,7 @@ endpoints, no assets from the network. It binds to this machine only unless told
 
 import base64
 import io
+import json
 import re
 import tempfile
 import threading
@@ -24,6 +25,7 @@ from medxfer.run.trained import TrainedModel
 
 MAX_FILES = 16
 MAX_BYTES = 32 * 1024 * 1024  # per file: a large DICOM fits, a mistaken upload does not
+MAX_REQUEST = MAX_FILES * MAX_BYTES + 2**20  # the whole body: the files and the form around them
 
 
 def create_app(model: TrainedModel) -> Any:
@@ -35,6 +37,7 @@ def create_app(model: TrainedModel) -> Any:
         raise MedxferError("medxfer serve needs FastAPI: pip install 'medxfer[serve]'") from None
 
     app = FastAPI(title="medxfer", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=MAX_REQUEST)
     lock = threading.Lock()  # Grad-CAM hooks the shared network: one request at a time
     about = {
         "notice": NOTICE,
@@ -255,3 +258,29 @@ drop.addEventListener("drop", (e) => {
 });
 </script></body></html>
 """
+
+
+class BodyLimit:
+    """Refuses an upload larger than ``limit`` bytes from its Content-Length, before any of it
+    is received: Starlette would otherwise spool every part to disk before the per-file limit
+    could be checked. A body without a length (chunked) is refused too (411)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is None or not length.isdigit():
+                return await _refuse(send, 411, "a Content-Length is required")
+            if int(length) > self.limit:
+                limit = self.limit // 2**20
+                return await _refuse(send, 413, f"request larger than {limit} MB")
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Any, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
