@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from medxfer.cache import read_key
 from medxfer.config import RunConfig
 from medxfer.data.images import load_image
 from medxfer.device import Runtime
@@ -114,7 +114,7 @@ def test_run_records_engine_and_keys_cache(small_kermany, tmp_path):
     seconds = runs["torch"].read_metrics()["seconds"]
     assert seconds["forward"] > 0 and seconds["augment"] > 0 and seconds["data"] > 0
     assert seconds["total"] >= seconds["data"] + seconds["features"] + seconds["epochs"]
-    keys = [json.loads(p.read_text()) for p in (cache / "features").glob("*.json")]
+    keys = [read_key(p) for p in (cache / "features").glob("*.entry")]
     assert sorted(k["engine"] for k in keys) == ["onnxruntime"] * 2 + ["torch"] * 2
     test = {e: run.read_predictions("test").probability.to_numpy() for e, run in runs.items()}
     np.testing.assert_allclose(test["onnxruntime"], test["torch"], atol=1e-4)

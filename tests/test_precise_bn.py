@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from medxfer.data.augment import get_augmentation
-from medxfer.data.prepared import prepare_data
+from medxfer.data.prepared import DataOptions, prepare_data
 from medxfer.device import to_input
 from medxfer.models.factory import ModelSpec, create_model
 from medxfer.tasks import make_task
@@ -68,6 +68,7 @@ def test_reestimated_statistics_match_update_bn(tmp_path):
     data = prepare_data(
         str(make_subset(tmp_path / "data", {"train": 6, "test": 2})),
         32,
+        DataOptions(val_fraction=0),  # a handful of images: no validation carved
         cache_dir=tmp_path / "cache",
         progress=False,
     )
@@ -93,6 +94,7 @@ def test_frozen_layers_keep_their_imagenet_statistics(tmp_path):
     data = prepare_data(
         str(make_subset(tmp_path / "data", {"train": 4, "test": 2})),
         32,
+        DataOptions(val_fraction=0),  # a handful of images: no validation carved
         cache_dir=tmp_path / "cache",
         progress=False,
     )

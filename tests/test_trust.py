@@ -156,11 +156,11 @@ def test_evaluate_uses_the_runs_own_splits(small_kermany, tmp_path):
     val = evaluate(folder.path, str(small_kermany), split="val", progress=False)
     assert val["n"] == metrics["split_sizes"]["val"] != 8  # not the dataset's 8 val images
     assert val["split_source"] == "the run's splits"
-    for key in ("accuracy", "roc_auc", "loss"):
-        assert val[key] == pytest.approx(metrics["val"][key], abs=1e-9)
+    for key in ("accuracy", "roc_auc", "loss"):  # the full network vs backbone + head: 1e-6
+        assert val[key] == pytest.approx(metrics["val"][key], abs=1e-6)
     test = evaluate(folder.path, str(small_kermany), split="test", progress=False)
     assert test["n"] == metrics["test"]["n"] == 20  # the run's subset of test (10 per class)
-    assert test["roc_auc"] == pytest.approx(metrics["test"]["roc_auc"], abs=1e-9)
+    assert test["roc_auc"] == pytest.approx(metrics["test"]["roc_auc"], abs=1e-6)
 
 
 @pytest.mark.integration

@@ -140,6 +140,12 @@ def read_entry(path: Path, parts: dict | None = None) -> CacheEntry:
     return CacheEntry(array, header["meta"])
 
 
+def read_key(path: Path) -> dict:
+    """The key parts an entry was stored under (what made it: for inspection and tests)."""
+    with open(path, "rb") as fh:
+        return _read_header(fh)[0]["parts"]
+
+
 def _read_header(fh) -> tuple[dict, int]:
     lead = fh.read(len(MAGIC) + 4)
     if len(lead) < len(MAGIC) + 4 or not lead.startswith(MAGIC):

@@ -60,8 +60,9 @@ class Engine:
 
     @torch.inference_mode()
     def outputs(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Kept on the module's device: the similarity distances are computed there."""
         out = module(x)
-        return tuple(o.float().cpu() for o in (out if isinstance(out, tuple) else (out,)))
+        return tuple(o.float() for o in (out if isinstance(out, tuple) else (out,)))
 
 
 class OnnxEngine(Engine):

@@ -39,12 +39,12 @@ def assign_splits(imageset: ImageSet, strata: np.ndarray, options: DataOptions) 
     else:
         return splits
     patients = len(set(groups[pool]))
-    smallest = int(np.unique(strata[pool], return_counts=True)[1].min())
-    if patients < n_folds or smallest < n_folds:
+    largest = int(np.unique(strata[pool], return_counts=True)[1].max())
+    if patients < n_folds or largest < n_folds:  # no class could reach every fold
         share = "a validation share this small" if options.val_fraction else f"{n_folds} folds"
         raise MedxferError(
-            f"{what}: the pool has {patients} patients and its rarest class {smallest} images, "
-            f"too few for {share} (it needs {n_folds} of each)"
+            f"{what}: the pool has {patients} patients and at most {largest} images per class, "
+            f"too few for {share} (it needs {n_folds})"
         )
     folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=options.seed)
     parts = folds.split(np.zeros(len(pool)), strata[pool], groups[pool])
