@@ -26,6 +26,7 @@ from medxfer.data.augment import get_augmentation
 from medxfer.models.factory import PAPER_ARCHS, ModelSpec, create_model
 from medxfer.runtime import tune_allocator
 from medxfer.tasks import make_task
+from medxfer.training import loop
 from medxfer.training.loop import ImageSource, Schedule, TrainState, build_optimizer, fit
 
 
@@ -45,6 +46,8 @@ def main() -> None:
 def measure(arch: str, args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     torch.manual_seed(0)
+    if arch == "inception_v3":  # its auxiliary classifier needs its own 299 px
+        args = argparse.Namespace(**{**vars(args), "size": max(args.size, 299)})
     pixels = torch.randint(0, 256, (args.images, args.size, args.size), dtype=torch.uint8)
     labels = torch.randint(0, 2, (args.images,))
     data = SimpleNamespace(splits={"train": torch.arange(args.images)}, targets=labels)
@@ -58,6 +61,11 @@ def measure(arch: str, args: argparse.Namespace) -> None:
     def ours() -> None:
         schedule = Schedule(opt, 1, args.batch_size, "last", 0)
         fit(source, data, task, schedule, TrainState(), progress=False, log=lambda _: None)
+
+    def precise_bn() -> None:
+        loop.reestimate_batchnorm(
+            model, source, data.splits["train"], batch_size=args.batch_size, device=device, amp=None
+        )
 
     bare = create_model(ModelSpec(arch, mode="scratch")).backbone
     head = torch.nn.Linear(model.num_features, 1)
@@ -83,16 +91,28 @@ def measure(arch: str, args: argparse.Namespace) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {arch} at "
         f"{args.size} px, {args.images} images, batch {args.batch_size}"
     )
-    ours(), baseline()  # warm-up
-    samples: dict[str, list[float]] = {"medxfer": [], "bare": []}
-    for _ in range(args.repeats):
-        for name, fn in (("medxfer", ours), ("bare", baseline)):
-            started = time.perf_counter()
-            fn()
-            samples[name].append(args.images / (time.perf_counter() - started))
+    real = loop.reestimate_batchnorm
+    loop.reestimate_batchnorm = lambda *a, **k: None  # the steps alone
+    try:
+        ours(), baseline()  # warm-up
+        samples: dict[str, list[float]] = {"medxfer": [], "bare": []}
+        for _ in range(args.repeats):
+            for name, fn in (("medxfer", ours), ("bare", baseline)):
+                started = time.perf_counter()
+                fn()
+                samples[name].append(args.images / (time.perf_counter() - started))
+    finally:
+        loop.reestimate_batchnorm = real
+    started = time.perf_counter()
+    precise_bn()
+    bn_seconds = time.perf_counter() - started
     a, b = statistics.median(samples["medxfer"]), statistics.median(samples["bare"])
+    # precise BN's share of an epoch of the main job's size (4,694 images, 2,048 re-estimated)
+    epoch = 4694 / a
+    share = bn_seconds * min(2048, 4694) / args.images / (epoch + bn_seconds * 2048 / args.images)
     print(
-        f"{arch}: medxfer {a:.1f} img/s, bare step {b:.1f} img/s, ratio {a / b:.2f} "
+        f"{arch}: medxfer {a:.1f} img/s, bare step {b:.1f} img/s, ratio {a / b:.2f}; "
+        f"precise BN {args.images / bn_seconds:.0f} img/s, {share:.0%} of a full-data epoch "
         f"[load {os.getloadavg()[0]:.1f}]"
     )
 
