@@ -1,0 +1,125 @@
+"""Review of the onnxruntime engine: stale graphs, ``--bn adapt``, colour and multi-class
+models, odd batch sizes. The reference is always PyTorch eager on the same module."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medxfer.config import RunConfig
+from medxfer.data.images import load_image
+from medxfer.engine import Engine, OnnxEngine
+from medxfer.models.factory import create_model
+from medxfer.models.spec import ModelSpec
+from medxfer.run.pipeline import train
+from medxfer.run.trained import TrainedModel
+from medxfer.tasks import make_task
+from tests.conftest import MOBILENET_FILE, SHARED
+
+CPU = torch.device("cpu")
+BCCD = SHARED / "data" / "bccd" / "BCCD" / "JPEGImages"
+needs_weights = pytest.mark.skipif(not MOBILENET_FILE.exists(), reason="no MobileNet v2 weights")
+
+
+def _relative_error(got: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray) -> float:
+    """Largest per-row norm of the error over the norm of the reference row."""
+    got = np.asarray(got, dtype=np.float64).reshape(len(got), -1)
+    ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
+    return float((np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
+
+
+def _xrays(root: Path, size: int, n: int = 4) -> torch.Tensor:
+    files = [f for c in ("NORMAL", "PNEUMONIA") for f in sorted((root / "test" / c).iterdir())[:n]]
+    return torch.from_numpy(np.stack([load_image(f, size) for f in files]))
+
+
+@needs_weights
+def test_trained_model_follows_weights_changed_after_first_use(small_kermany, tmp_path):
+    """A model used once, then given other weights (``load_state_dict``, as a caller swapping
+    heads does), must not keep answering with the graph of the old weights."""
+    network = create_model(ModelSpec("mobilenet_v2", outputs=3)).eval()
+    cfg = RunConfig(data=str(small_kermany), out=str(tmp_path / "run"), engine="onnxruntime")
+    model = TrainedModel(network, cfg, make_task("multiclass", ["a", "b", "c"]))
+    model.to(CPU, "onnxruntime", tmp_path / "cache")
+    pixels = _xrays(small_kermany, 32)
+    before = model.logits(pixels)
+    other = create_model(ModelSpec("mobilenet_v2", outputs=3)).state_dict()
+    with torch.no_grad():
+        other["head.linear.weight"].normal_(0, 1, generator=torch.Generator().manual_seed(1))
+    network.load_state_dict(other)
+    after = model.logits(pixels)
+    ref = Engine(network).logits(pixels[:, None].float() / 255).double().numpy()
+    assert _relative_error(after, ref) < 1e-4, "a stale graph: the old weights' answer"
+    assert np.abs(after - before).max() > 1e-2  # (the new head does change the answer)
+
+
+@pytest.mark.integration
+@needs_weights
+def test_bn_adapt_and_retrained_heads_through_one_cache(small_kermany, tmp_path):
+    """Two ``--bn adapt`` runs (other seeds: other heads) sharing a cache. Each run's stored
+    test probabilities (from onnxruntime features) and its model through onnxruntime, after the
+    other run's graphs are in the cache, agree with PyTorch eager on the saved model."""
+    base = RunConfig(
+        data=str(small_kermany),
+        out="",
+        image_size=32,
+        epochs=2,
+        views=1,
+        bootstrap=0,
+        bn="adapt",
+        engine="onnxruntime",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    folders = [
+        train(replace(base, out=str(tmp_path / f"s{s}"), seed=s), progress=False, log=print)
+        for s in (0, 1)
+    ]
+    stored = [f.read_predictions("test") for f in folders]
+    assert np.abs(stored[0].probability - stored[1].probability).max() > 1e-3
+    for folder, rows in zip(folders, stored, strict=True):
+        model = TrainedModel.load(folder.path)
+        pixels = torch.from_numpy(
+            np.stack([load_image(small_kermany / "test" / f, 32) for f in _relative(rows)])
+        )
+        ref = model.to(CPU, "torch").probabilities(pixels)
+        got = model.to(CPU, "onnxruntime", base.cache_dir).probabilities(pixels)
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+        np.testing.assert_allclose(rows.probability.to_numpy(), ref, atol=1e-4)
+
+
+def _relative(rows) -> list[str]:
+    """The test files of a predictions table, relative to the data's test folder."""
+    return [str(Path(*Path(f).parts[-2:])) for f in rows.file]
+
+
+@needs_weights
+@pytest.mark.skipif(not BCCD.is_dir(), reason="BCCD not present")
+def test_colour_multiclass_model_and_odd_batches(tmp_path):
+    """Real colour images (3 channels), a 4-class head, batches of 1 and 3 on one graph."""
+    files = sorted(BCCD.glob("*.jpg"))[:5]
+    pixels = torch.from_numpy(np.stack([load_image(f, 48, "rgb") for f in files]))
+    assert pixels.shape == (5, 3, 48, 48)
+    network = create_model(ModelSpec("mobilenet_v2", outputs=4)).eval()
+    torch.nn.init.normal_(network.head.linear.weight, std=0.5)
+    x = pixels.float() / 255
+    engine = OnnxEngine(network, tmp_path)
+    for part in ("features", "logits"):
+        ref = getattr(Engine(network), part)(x)
+        got = torch.cat(
+            [
+                getattr(engine, part)(x[:1]),
+                getattr(engine, part)(x[1:4]),
+                getattr(engine, part)(x[4:]),
+            ]
+        )
+        assert got.shape == ref.shape
+        assert _relative_error(got, ref) < 1e-4
+    # a binary head gives (B,) logits, also for a batch of one
+    binary = create_model(ModelSpec("mobilenet_v2")).eval()
+    one = OnnxEngine(binary, tmp_path).logits(x[:1])
+    assert one.shape == (1,)
+    assert _relative_error(one[:, None], Engine(binary).logits(x[:1])[:, None]) < 1e-4
