@@ -67,8 +67,9 @@ class Engine:
 
 class OnnxEngine(Engine):
     """The same calls through onnxruntime graphs exported from the torch module, each built
-    on first use from the weights and statistics the module has then: build a new engine
-    after changing them (the pipeline builds it after ``--bn adapt``)."""
+    from the weights and statistics the module has when it is used; a session is kept while
+    none of them has changed (``_stamp``), so new weights (``load_state_dict``, ``--bn
+    adapt``, a trained head) never meet a stale graph."""
 
     name = "onnxruntime"
 
@@ -76,7 +77,7 @@ class OnnxEngine(Engine):
         super().__init__(network)
         self.folder = Path(cache_dir) / "engines"
         self.parts = {part: _Part(network, part) for part in ("features", "logits")}
-        self.sessions: dict[tuple, object] = {}
+        self.sessions: dict[tuple, tuple[tuple, object]] = {}  # (module, shape): (stamp, session)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.outputs(self.parts["features"], x)[0]
@@ -85,12 +86,13 @@ class OnnxEngine(Engine):
         return self.outputs(self.parts["logits"], x)[0]
 
     def outputs(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        shape = tuple(x.shape[1:])
-        session = self.sessions.get((id(module), shape)) or self._session(module, shape)
+        key, stamp = (id(module), tuple(x.shape[1:])), _stamp(module)
+        held = self.sessions.get(key)
+        session = held[1] if held and held[0] == stamp else self._session(module, key[1], stamp)
         array = np.ascontiguousarray(x.detach().float().cpu().numpy())
         return tuple(torch.from_numpy(a) for a in session.run(None, {"image": array}))
 
-    def _session(self, module: nn.Module, shape: tuple[int, ...]):
+    def _session(self, module: nn.Module, shape: tuple[int, ...], stamp: tuple):
         """The module's graph from the cache (exported on a miss), in an onnxruntime session
         with as many intra-op threads as torch has."""
         import onnxruntime as ort
@@ -107,8 +109,22 @@ class OnnxEngine(Engine):
         # from the augmentation of the next batch (2x the CPU time for the same work).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.sessions[(id(module), shape)] = session
+        self.sessions[(id(module), shape)] = (stamp, session)
         return session
+
+
+def _stamp(module: nn.Module) -> tuple:
+    """Cheap identity of a module's current tensors: which storage each uses and its version
+    counter, which every in-place change (``copy_`` in ``load_state_dict``, an optimiser
+    step, BatchNorm statistics) increments. Hashing the values (``graph_key``) is exact but
+    costs milliseconds per batch; this is checked on every batch."""
+    stamp = []
+    for tensor in module.state_dict(keep_vars=True).values():
+        try:
+            stamp.append((tensor.data_ptr(), tensor._version))
+        except RuntimeError:  # an inference tensor has no version counter: hash its values
+            stamp.append(hashlib.sha1(tensor.detach().cpu().numpy().tobytes()).hexdigest())
+    return tuple(stamp)
 
 
 def make_engine(name: str, network: nn.Module, cache_dir: str | Path) -> Engine:
