@@ -13,6 +13,7 @@ import torch
 from medxfer.config import RunConfig
 from medxfer.data.images import load_image
 from medxfer.engine import Engine, OnnxEngine
+from medxfer.errors import MedxferError
 from medxfer.models.factory import create_model
 from medxfer.models.spec import ModelSpec
 from medxfer.run.pipeline import train
@@ -143,3 +144,16 @@ def test_colour_multiclass_model_and_odd_batches(tmp_path):
     one = OnnxEngine(binary, tmp_path).logits(x[:1])
     assert one.shape == (1,)
     assert (one - Engine(binary).logits(x[:1])).abs().max() < 1e-5  # a logit near 0: absolute
+
+
+def test_a_cpu_run_of_engine_onnxruntime_is_usable_on_another_device(tmp_path):
+    """A run trained with ``--engine onnxruntime`` (a CPU choice), used on another device
+    without ``--engine``: that device's engine, not an error about an option not given.
+    (``meta`` stands in for a GPU: no GPU is needed to choose the engine.)"""
+    network = create_model(ModelSpec("mobilenet_v2", weights=None), load_weights=False)
+    cfg = RunConfig(data="d", out=str(tmp_path / "run"), engine="onnxruntime")
+    model = TrainedModel(network, cfg, make_task("binary", ["a", "b"]))
+    assert model.to(CPU).engine.name == "onnxruntime"
+    assert model.to(torch.device("meta")).engine.name == "torch"
+    with pytest.raises(MedxferError, match="CPU only"):  # asked for explicitly: refused
+        model.to(torch.device("meta"), "onnxruntime")

@@ -41,6 +41,13 @@ def resolve_engine(name: str, device: torch.device) -> str:
     return name
 
 
+def own_engine(recorded: str) -> str:
+    """A finished run's ``--engine`` when its model is used (``evaluate``, ``predict``) with no
+    ``--engine`` given: ``onnxruntime`` was chosen for a CPU, and on a GPU it stands for that
+    device's engine (``auto``) rather than refusing a device the user did not ask about."""
+    return "auto" if recorded == "onnxruntime" else recorded
+
+
 class Engine:
     """Forward passes of one network in eval mode: ``features`` (backbone) and ``logits``;
     ``outputs`` runs any other module built on it (the similarity's per-stage pools)."""

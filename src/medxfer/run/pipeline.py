@@ -27,7 +27,7 @@ from medxfer.data.cache import DECODER_VERSION, default_cache_dir
 from medxfer.data.options import DataOptions
 from medxfer.data.prepared import PreparedData, prepare_data
 from medxfer.device import Runtime, single_thread
-from medxfer.engine import make_engine
+from medxfer.engine import make_engine, own_engine
 from medxfer.errors import MedxferError
 from medxfer.evaluation.calibration import expected_calibration_error, fit_temperature
 from medxfer.evaluation.intervals import bootstrap_intervals
@@ -396,7 +396,7 @@ def evaluate(
         device_name,
         progress=progress,
         batch_size=cfg.eval_batch_size,
-        engine=engine or cfg.engine,
+        engine=engine or own_engine(cfg.engine),
     )
     ctx, same = _run_data(model, data_location, runtime, _recorded_data_key(run))
     if tuple(ctx.task.classes) != tuple(model.classes):

@@ -15,7 +15,7 @@ import torch
 from medxfer.atomic import write_with
 from medxfer.config import RunConfig
 from medxfer.device import inference_batch_size, to_input
-from medxfer.engine import Engine, make_engine, resolve_engine
+from medxfer.engine import Engine, make_engine, own_engine, resolve_engine
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
 from medxfer.run.folder import RunFolder
@@ -116,7 +116,7 @@ class TrainedModel:
         from medxfer.data.cache import default_cache_dir
 
         self.network.to(device, memory_format=torch.channels_last).eval()
-        name = resolve_engine(engine or self.config.engine, device)
+        name = resolve_engine(engine or own_engine(self.config.engine), device)
         cache = cache_dir or self.config.cache_dir or default_cache_dir()
         self.engine = make_engine(name, self.network, cache)
         return self
