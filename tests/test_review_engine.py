@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -157,3 +158,25 @@ def test_a_cpu_run_of_engine_onnxruntime_is_usable_on_another_device(tmp_path):
     assert model.to(torch.device("meta")).engine.name == "torch"
     with pytest.raises(MedxferError, match="CPU only"):  # asked for explicitly: refused
         model.to(torch.device("meta"), "onnxruntime")
+
+
+@needs_weights
+def test_feature_key_names_the_onnxruntime_version(monkeypatch):
+    """Cached features made by one onnxruntime release are not served under another (the
+    key already names torch, torchvision and timm); the torch engine's key ignores it."""
+    import onnxruntime
+
+    from medxfer.device import Runtime
+    from medxfer.run.pipeline import _feature_key
+
+    def key(engine: str) -> dict:
+        cfg = RunConfig(data="d", out="o", engine=engine)
+        data = SimpleNamespace(color="gray")
+        return _feature_key(
+            SimpleNamespace(cfg=cfg, runtime=Runtime(CPU, engine=engine), data=data)
+        )
+
+    before = {e: key(e) for e in ("torch", "onnxruntime")}
+    monkeypatch.setattr(onnxruntime, "__version__", "0.0.1")
+    assert key("onnxruntime") != before["onnxruntime"]
+    assert key("torch") == before["torch"]

@@ -27,7 +27,7 @@ from medxfer.data.cache import DECODER_VERSION, default_cache_dir
 from medxfer.data.options import DataOptions
 from medxfer.data.prepared import PreparedData, prepare_data
 from medxfer.device import Runtime, single_thread
-from medxfer.engine import make_engine, own_engine
+from medxfer.engine import GRAPH_VERSION, make_engine, own_engine
 from medxfer.errors import MedxferError
 from medxfer.evaluation.calibration import expected_calibration_error, fit_temperature
 from medxfer.evaluation.intervals import bootstrap_intervals
@@ -542,6 +542,11 @@ def _feature_key(ctx: Context) -> dict:
         "device": ctx.runtime.device.type,
         "engine": ctx.runtime.engine,
     }
+    if ctx.runtime.engine == "onnxruntime":  # its kernels and our export shape the features
+        import onnxruntime
+
+        key["libraries"].append(f"onnxruntime {onnxruntime.__version__}")
+        key["graph"] = GRAPH_VERSION
     if cfg.bn == "adapt":
         key["adapted_on"] = ctx.data.index_key(ctx.data.splits["train"])
     return key
