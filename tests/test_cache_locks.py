@@ -348,7 +348,7 @@ def test_cache_info_and_clear(tmp_path, capsys):
     ArrayCache(tmp_path, "features").save({"f": 1}, np.zeros(100, np.float32))
     info = cache_info(tmp_path)
     assert info["images"]["entries"] == 2 and info["features"]["entries"] == 1
-    sizes = {k: sum(os.path.getsize(p) for p in (tmp_path / k).iterdir()) for k in info}
+    sizes = {k: sum(os.path.getsize(p) for p in (tmp_path / k).glob("*")) for k in info}
     assert {k: v["bytes"] for k, v in info.items()} == sizes
     assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

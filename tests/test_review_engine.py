@@ -180,3 +180,19 @@ def test_feature_key_names_the_onnxruntime_version(monkeypatch):
     monkeypatch.setattr(onnxruntime, "__version__", "0.0.1")
     assert key("onnxruntime") != before["onnxruntime"]
     assert key("torch") == before["torch"]
+
+
+def test_cache_command_sees_and_clears_the_engine_graphs(tmp_path, capsys):
+    """The exported graphs live in the cache too (one per model and input size, 14 MB for
+    MobileNet v2): ``medxfer cache info`` counts them and ``cache clear --engines`` frees them."""
+    from medxfer.cli import main
+
+    network = create_model(ModelSpec("mobilenet_v2", weights=None), load_weights=False).eval()
+    OnnxEngine(network, tmp_path).features(torch.rand(1, 1, 32, 32))
+    graphs = list((tmp_path / "engines").glob("*.onnx"))
+    assert len(graphs) == 1
+    assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("engines"))
+    assert line.split()[1] == "1"
+    assert main(["cache", "clear", "--engines", "--cache-dir", str(tmp_path)]) == 0
+    assert not (tmp_path / "engines").exists()

@@ -42,7 +42,8 @@ from medxfer.errors import warn
 
 MAGIC = b"MEDXFER-ARRAY\n"
 SUFFIX = ".entry"
-KINDS = ("images", "features")
+KINDS = ("images", "features", "engines")  # engines: onnxruntime graphs (medxfer.engine)
+GRAPH_SUFFIX = ".onnx"
 
 
 def default_cache_dir() -> Path:
@@ -183,7 +184,9 @@ def cache_info(root: str | os.PathLike) -> dict:
         files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
         info[kind] = {
             "folder": str(folder),
-            "entries": sum(p.suffix == SUFFIX and not p.name.startswith(".") for p in files),
+            "entries": sum(
+                p.suffix in (SUFFIX, GRAPH_SUFFIX) and not p.name.startswith(".") for p in files
+            ),
             "bytes": sum(p.stat().st_size for p in files),
         }
     return info

@@ -510,7 +510,7 @@ def _weights(args: argparse.Namespace) -> int:
 
 
 def _add_cache_commands(sub) -> None:
-    p = sub.add_parser("cache", help="size of the image and feature caches, or clear them")
+    p = sub.add_parser("cache", help="size of the image, feature and graph caches, or clear them")
     cache = p.add_subparsers(dest="cache_command", required=True)
     for name in ("info", "clear"):
         q = cache.add_parser(
@@ -520,6 +520,7 @@ def _add_cache_commands(sub) -> None:
         if name == "clear":
             q.add_argument("--images", action="store_true", help="only the decoded images")
             q.add_argument("--features", action="store_true", help="only the features")
+            q.add_argument("--engines", action="store_true", help="only the onnxruntime graphs")
         q.set_defaults(handler=_cache_info if name == "info" else _cache_clear)
 
 
