@@ -196,3 +196,20 @@ def test_cache_command_sees_and_clears_the_engine_graphs(tmp_path, capsys):
     assert line.split()[1] == "1"
     assert main(["cache", "clear", "--engines", "--cache-dir", str(tmp_path)]) == 0
     assert not (tmp_path / "engines").exists()
+
+
+def test_adapted_batchnorm_stays_in_torch_unless_asked():
+    """Until onnxruntime agrees with PyTorch on adapted statistics (above), ``auto`` keeps
+    ``--bn adapt`` models in PyTorch; other runs and an explicit request are unchanged."""
+    from medxfer.config import RunConfig
+    from medxfer.engine import resolve_engine
+
+    cpu = torch.device("cpu")
+    adapt = RunConfig(data="d", out="o", bn="adapt")
+    assert resolve_engine(adapt.engine_request, cpu) == "torch"
+    assert RunConfig(data="d", out="o").engine_request == "auto"
+    assert resolve_engine(RunConfig(data="d", out="o").engine_request, cpu) == "onnxruntime"
+    forced = RunConfig(data="d", out="o", bn="adapt", engine="onnxruntime")
+    assert forced.engine_request == "onnxruntime"
+    scratch = RunConfig(data="d", out="o", bn="adapt", mode="scratch")  # nothing frozen
+    assert scratch.engine_request == "auto"

@@ -171,7 +171,7 @@ def validate(cfg: RunConfig, progress: bool) -> Runtime:
         amp=cfg.amp,
         batch_size=cfg.eval_batch_size,
         progress=progress,
-        engine=cfg.engine,
+        engine=cfg.engine_request,
     )
 
 
@@ -396,7 +396,7 @@ def evaluate(
         device_name,
         progress=progress,
         batch_size=cfg.eval_batch_size,
-        engine=engine or own_engine(cfg.engine),
+        engine=engine or own_engine(cfg.engine_request),
     )
     ctx, same = _run_data(model, data_location, runtime, _recorded_data_key(run))
     if tuple(ctx.task.classes) != tuple(model.classes):

@@ -116,7 +116,7 @@ class TrainedModel:
         from medxfer.data.cache import default_cache_dir
 
         self.network.to(device, memory_format=torch.channels_last).eval()
-        name = resolve_engine(engine or own_engine(self.config.engine), device)
+        name = resolve_engine(engine or own_engine(self.config.engine_request), device)
         cache = cache_dir or self.config.cache_dir or default_cache_dir()
         self.engine = make_engine(name, self.network, cache)
         return self
