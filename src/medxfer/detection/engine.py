@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from medxfer.detection.metrics import DetectionScores
+from medxfer.errors import MedxferError
 
 Batch = tuple[list[torch.Tensor], list[dict]]
 
@@ -32,8 +33,8 @@ def train_one_epoch(
         images, targets = to_device(batch, device)
         losses = model(images, targets)
         total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"loss is {float(total)}; lower --lr")
+        if not torch.isfinite(total):  # diverged: one clear line, the checkpoint is kept
+            raise MedxferError(f"training diverged (loss {total.item()}): lower --lr")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
