@@ -167,14 +167,12 @@ def test_feature_key_names_the_onnxruntime_version(monkeypatch):
     import onnxruntime
 
     from medxfer.device import Runtime
-    from medxfer.run.pipeline import _feature_key
+    from medxfer.run.inputs import feature_key
 
     def key(engine: str) -> dict:
         cfg = RunConfig(data="d", out="o", engine=engine)
         data = SimpleNamespace(color="gray")
-        return _feature_key(
-            SimpleNamespace(cfg=cfg, runtime=Runtime(CPU, engine=engine), data=data)
-        )
+        return feature_key(SimpleNamespace(cfg=cfg, runtime=Runtime(CPU, engine=engine), data=data))
 
     before = {e: key(e) for e in ("torch", "onnxruntime")}
     monkeypatch.setattr(onnxruntime, "__version__", "0.0.1")

@@ -165,14 +165,16 @@ def test_evaluate_uses_the_runs_own_splits(small_kermany, tmp_path):
 
 @pytest.mark.integration
 def test_feature_cache_keys_every_setting(small_kermany, tmp_path):
-    from medxfer.run.pipeline import Context, _feature_key, load_data
+    from medxfer.run.context import Context
+    from medxfer.run.inputs import feature_key
+    from medxfer.run.pipeline import load_data
 
     cfg = RunConfig(data=str(small_kermany), out=str(tmp_path / "r"), image_size=64)
     ctx = load_data(cfg, Runtime.create("cpu", progress=False))
-    key = _feature_key(ctx)
+    key = feature_key(ctx)
     assert {"weights", "decoder", "libraries", "color", "device"} <= set(key)
     timm_cfg = replace(cfg, arch="timm/tf_efficientnet_lite0")
-    timm_key = _feature_key(Context(timm_cfg, ctx.runtime, ctx.data, ctx.task, ctx.cache_dir))
+    timm_key = feature_key(Context(timm_cfg, ctx.runtime, ctx.data, ctx.task, ctx.cache_dir))
     assert "timm/tf_efficientnet_lite0" in timm_key["weights"]
     assert "in1k" in timm_key["weights"]  # the pretrained tag timm resolves to
 

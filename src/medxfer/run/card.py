@@ -14,7 +14,7 @@ from medxfer.evaluation.metrics import HEADLINE
 from medxfer.run.folder import RunFolder
 
 if TYPE_CHECKING:
-    from medxfer.run.pipeline import Assessment
+    from medxfer.run.context import Assessment
     from medxfer.run.trained import TrainedModel
 
 NOTICE = "Research use only, not a medical device."

@@ -11,89 +11,40 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
-from torch import nn
 
 from medxfer.checkpoint import load_checkpoint_or_none
 from medxfer.config import RunConfig
 from medxfer.data.augment import get_augmentation
-from medxfer.data.cache import DECODER_VERSION, default_cache_dir
+from medxfer.data.cache import default_cache_dir
 from medxfer.data.options import DataOptions
-from medxfer.data.prepared import PreparedData, prepare_data
+from medxfer.data.prepared import prepare_data
 from medxfer.device import Runtime, single_thread
-from medxfer.engine import GRAPH_VERSION, make_engine, own_engine
+from medxfer.engine import own_engine
 from medxfer.errors import MedxferError
-from medxfer.evaluation.calibration import expected_calibration_error, fit_temperature
-from medxfer.evaluation.intervals import bootstrap_intervals
-from medxfer.evaluation.metrics import scalar_metrics, task_metrics
-from medxfer.evaluation.thresholds import choose_threshold
+from medxfer.evaluation.metrics import task_metrics
 from medxfer.figures import reliability_diagram
 from medxfer.locking import run_folder_lock
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import create_model, weights_digest
+from medxfer.run.assess import assess, metric_thresholds
 from medxfer.run.card import write_model_card
+from medxfer.run.context import Assessment, Context, Inputs, Log
 from medxfer.run.folder import RunFolder
+from medxfer.run.inputs import prepare_inputs
 from medxfer.run.trained import TrainedModel
-from medxfer.tasks import Task, make_task
+from medxfer.tasks import make_task
 from medxfer.tracking import Handler, configured_handlers
-from medxfer.training.features import (
-    FeatureCache,
-    View,
-    adapt_batchnorm,
-    extract_features,
-    frozen_norms,
-)
 from medxfer.training.loop import (
-    FeatureSource,
-    ImageSource,
     Schedule,
     TrainState,
     build_optimizer,
     fit,
-    predict_logits,
 )
-
-Log = Callable[[str], None]
-
-
-@dataclass
-class Context:
-    """What every stage after ``data`` reads: the run's options, where it computes, its data."""
-
-    cfg: RunConfig
-    runtime: Runtime
-    data: PreparedData
-    task: Task
-    cache_dir: Path
-
-
-@dataclass
-class Inputs:
-    """What the loop trains on: images through the whole network, or cached features through
-    the head; ``trainable`` is the module whose state the loop saves and restores."""
-
-    source: ImageSource | FeatureSource
-    seconds: dict[str, float] = field(default_factory=dict)  # features: augment, forward
-
-    @property
-    def trainable(self) -> nn.Module:
-        return self.source.net
-
-
-@dataclass
-class Assessment:
-    """The selected model and everything written about it."""
-
-    model: TrainedModel
-    metrics: dict
-    predictions: pd.DataFrame
-    curves: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 # -- the pipeline --------------------------------------------------------------------------
@@ -230,38 +181,6 @@ def resume(
     return state
 
 
-def prepare_inputs(ctx: Context, network: XrayClassifier, adapted: bool) -> Inputs:
-    """Adapt frozen BatchNorm statistics (``--bn adapt``), then the training source: cached
-    backbone features when the backbone is frozen, images otherwise."""
-    cfg, data, runtime = ctx.cfg, ctx.data, ctx.runtime
-    if cfg.bn == "adapt" and cfg.model_spec.has_frozen_layers and not adapted:
-        _adapt(network, data, runtime)
-    augmentation = get_augmentation(cfg.augment)
-    if not cfg.uses_feature_cache:
-        source = ImageSource(
-            network,
-            data.pixels,
-            runtime.device,
-            augmentation,
-            seed=cfg.seed,
-            eval_batch_size=runtime.batch_size,
-        )
-        return Inputs(source)
-    started = time.perf_counter()
-    seconds = {"augment": 0.0, "forward": 0.0}
-    clean, clean_idx, views = _cached_features(ctx, network, augmentation, seconds)
-    source = FeatureSource(
-        network.head,
-        clean,
-        clean_idx,
-        views=views,
-        train_index=data.splits["train"],
-        device=runtime.device,
-        seed=cfg.seed,
-    )
-    return Inputs(source, {"features": time.perf_counter() - started, **seconds})
-
-
 def fit_stage(
     ctx: Context,
     network: XrayClassifier,
@@ -302,65 +221,6 @@ def fit_stage(
         progress=ctx.runtime.progress,
         log=log,
     )
-
-
-def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: TrainState) -> Assessment:
-    """Everything chosen on validation data (temperature, operating points), then the test
-    metrics with intervals, the predictions of both splits, and the trained model."""
-    cfg, data, task = ctx.cfg, ctx.data, ctx.task
-    splits = {s: data.splits[s] for s in ("val", "test") if s in data.splits}
-    logits = {s: predict_logits(inputs.trainable, inputs.source, idx) for s, idx in splits.items()}
-    truth = {s: data.targets[idx].numpy() for s, idx in splits.items()}
-    temperature = _temperature(cfg, task, logits.get("val"), truth.get("val"))
-    prob = {s: task.probabilities(z, temperature) for s, z in logits.items()}
-    scores = {s: task.scores(z, temperature) for s, z in logits.items()}  # ranks without ties
-    thresholds = _thresholds(cfg, task, truth.get("val"), prob.get("val"))
-    cut = _one(task, thresholds)
-    test = task_metrics(
-        task.name, truth["test"], prob["test"], cut, task.classes, scores=scores["test"]
-    )
-    if cfg.bootstrap:
-        test["ci95"], test["interval_method"] = _intervals(
-            ctx, truth["test"], prob["test"], scores["test"], thresholds
-        )
-    model = TrainedModel(network.cpu().eval(), cfg, task, thresholds, temperature, data.color)
-    calibration, curves = _calibration(cfg, task, logits, truth, temperature)
-    metrics = {
-        "task": task.name,
-        "classes": list(task.classes),
-        "arch": cfg.arch,
-        "mode": cfg.mode,
-        "bn": cfg.bn,
-        "positive": data.positive,
-        "negative": data.negative,
-        "thresholds": thresholds,
-        "threshold": thresholds[0] if task.name == "binary" else None,
-        "threshold_rule": cfg.threshold_rule if task.uses_thresholds else None,
-        "calibration": calibration,
-        "selected_epoch": state.best_epoch,
-        "selection": cfg.select,
-        "test": test,
-        "val": (
-            task_metrics(
-                task.name, truth["val"], prob["val"], cut, task.classes, scores=scores["val"]
-            )
-            if "val" in prob
-            else None
-        ),
-        "split_sizes": {k: len(v) for k, v in data.splits.items()},
-        "class_counts": _class_counts(data, task),
-        "skipped_inputs": [{"file": f, "reason": r} for f, r in data.skipped],
-        "device": str(ctx.runtime.device),
-        "evaluation_precision": "float32",
-    }
-    predictions = pd.concat(
-        [
-            _prediction_rows(ctx, s, splits[s], model, prob=prob[s], scores=scores[s])
-            for s in splits
-        ],
-        ignore_index=True,
-    )
-    return Assessment(model, metrics, predictions, curves)
 
 
 def write(folder: RunFolder, outcome: Assessment) -> None:
@@ -420,7 +280,12 @@ def evaluate(
         "task": model.task.name,
         "positive": ctx.data.positive,
         **task_metrics(
-            model.task.name, y, prob, _one(model.task, cut), model.classes, scores=scores
+            model.task.name,
+            y,
+            prob,
+            metric_thresholds(model.task, cut),
+            model.classes,
+            scores=scores,
         ),
     }
 
@@ -462,243 +327,6 @@ def _recorded_data_key(run) -> str | None:
 
 def replace_data(cfg: RunConfig, location: str) -> RunConfig:
     return replace(cfg, data=str(location))
-
-
-# -- helpers --------------------------------------------------------------------------------
-def _adapt(network: XrayClassifier, data: PreparedData, runtime: Runtime) -> None:
-    """``--bn adapt``: the frozen layers' BatchNorm statistics from every training pixel."""
-    norms = frozen_norms(network)
-    network.eval()
-    batches = (data.pixels[chunk] for chunk in data.splits["train"].split(runtime.batch_size))
-    from medxfer.device import to_input
-
-    with torch.inference_mode():
-        adapt_batchnorm(
-            norms,
-            lambda pixels: network.features(to_input(pixels, runtime.device)),
-            batches,
-        )
-
-
-def _cached_features(ctx: Context, network: XrayClassifier, augmentation, seconds: dict):
-    """Clean features of val/test (and train when not augmenting), and K augmented views of
-    train, from the feature cache."""
-    cfg, data, runtime = ctx.cfg, ctx.data, ctx.runtime
-    cache = FeatureCache(ctx.cache_dir)
-    base = _feature_key(ctx)
-    engine = make_engine(runtime.engine, network, ctx.cache_dir)
-    train_idx = data.splits["train"]
-    # With augmentation, training reads only augmented views: the clean view is needed for
-    # evaluation alone, which saves one backbone pass over the training images.
-    clean_idx = torch.cat([data.splits[s] for s in ("val", "test") if s in data.splits])
-    if augmentation is None:
-        clean_idx = torch.cat([train_idx, clean_idx])
-    clean = cache.get(
-        {**base, "view": "clean", "dtype": "float32", "rows": data.index_key(clean_idx)},
-        lambda: extract_features(
-            network, data.pixels, clean_idx, runtime, engine=engine, seconds=seconds
-        ),
-    )
-    if augmentation is None:
-        return clean, clean_idx, None
-    views = []
-    for v in range(cfg.views):
-        view = View(augmentation, cfg.seed * 1000 + v)
-        key = {
-            **base,
-            "view": v,
-            "augment": augmentation.describe(),
-            "seed": cfg.seed,
-            "dtype": str(runtime.amp or "float32"),
-            "rows": data.index_key(train_idx),
-        }
-        views.append(
-            cache.get(
-                key,
-                lambda view=view: extract_features(
-                    network, data.pixels, train_idx, runtime, view, engine=engine, seconds=seconds
-                ),
-            )
-        )
-    return clean, clean_idx, torch.stack(views)
-
-
-def _feature_key(ctx: Context) -> dict:
-    """Everything that changes a backbone feature, so a shared cache never serves features
-    made under other settings."""
-    import timm
-    import torchvision
-
-    cfg = ctx.cfg
-    key = {
-        "arch": cfg.arch,
-        "weights": weights_digest(cfg.model_spec),
-        "bn": cfg.bn,
-        "normalize": cfg.normalize,
-        "resolution": cfg.resolution,
-        "color": ctx.data.color,
-        "decoder": DECODER_VERSION,
-        "libraries": [torch.__version__, torchvision.__version__, timm.__version__],
-        "device": ctx.runtime.device.type,
-        "engine": ctx.runtime.engine,
-    }
-    if ctx.runtime.engine == "onnxruntime":  # its kernels and our export shape the features
-        import onnxruntime
-
-        key["libraries"].append(f"onnxruntime {onnxruntime.__version__}")
-        key["graph"] = GRAPH_VERSION
-    if cfg.bn == "adapt":
-        key["adapted_on"] = ctx.data.index_key(ctx.data.splits["train"])
-    return key
-
-
-def _temperature(cfg: RunConfig, task: Task, val_logits, val_y) -> float:
-    if cfg.calibrate != "temperature":
-        return 1.0
-    if val_logits is None:
-        raise MedxferError("--calibrate temperature: needs a validation split")
-    if task.name == "multilabel":
-        return fit_temperature(np.ravel(val_logits), np.ravel(val_y))
-    return fit_temperature(val_logits, val_y)
-
-
-def _thresholds(cfg: RunConfig, task: Task, val_y, val_prob) -> list[float] | None:
-    """Operating points chosen on validation data: one (binary) or one per label."""
-    if not task.uses_thresholds:
-        return None
-    rule = cfg.threshold_rule
-    if task.name == "binary":
-        return [choose_threshold(rule, val_y, val_prob)]
-    return [
-        choose_threshold(
-            rule,
-            None if val_y is None else val_y[:, j],
-            None if val_prob is None else val_prob[:, j],
-        )
-        for j in range(task.outputs)
-    ]
-
-
-def _one(task: Task, thresholds: list[float] | None):
-    """Thresholds as ``task_metrics`` takes them: one number (binary) or one per label."""
-    if thresholds is None:
-        return None
-    return thresholds[0] if task.name == "binary" else np.asarray(thresholds)
-
-
-def _intervals(
-    ctx: Context, y: np.ndarray, prob: np.ndarray, scores: np.ndarray, thresholds
-) -> tuple[dict, dict]:
-    """Bootstrap intervals of the test metrics, resampling patients where they are known."""
-    task, cfg = ctx.task, ctx.cfg
-    patients = [ctx.data.patients[i] for i in ctx.data.splits["test"].tolist()]
-    known = any(not p.startswith("file:") for p in patients)
-    names = scalar_metrics(task.name)
-    cut = _one(task, thresholds)
-
-    def score(rows: np.ndarray) -> dict:
-        m = task_metrics(task.name, y[rows], prob[rows], cut, task.classes, scores=scores[rows])
-        return {k: m[k] for k in names}
-
-    result = bootstrap_intervals(
-        score,
-        len(y),
-        groups=np.asarray(patients) if known else None,
-        resamples=cfg.bootstrap,
-        seed=cfg.seed,
-    )
-    method = {k: v for k, v in result.items() if k != "intervals"}
-    return result["intervals"], method
-
-
-def _calibration(cfg: RunConfig, task: Task, logits: dict, truth: dict, temperature: float):
-    """ECE (15 bins) before and after the temperature, on what the task decides with: the
-    positive-class probability (binary), the top label (multiclass), every label entry
-    (multilabel). Returns the summary and the curves of the reliability diagram."""
-
-    def view(split: str, t: float) -> tuple[np.ndarray, np.ndarray]:
-        p = task.probabilities(logits[split], t)
-        y = truth[split]
-        if task.name == "multiclass":
-            return (p.argmax(1) == y).astype(np.float64), p.max(1)
-        return np.ravel(y).astype(np.float64), np.ravel(p)
-
-    summary = {
-        "method": cfg.calibrate,
-        "temperature": temperature,
-        "bins": 15,
-        "measured_on": {
-            "binary": "positive-class probability",
-            "multiclass": "top label",
-            "multilabel": "every label entry",
-        }[task.name],
-        "test_ece_uncalibrated": expected_calibration_error(*view("test", 1.0)),
-        "test_ece": expected_calibration_error(*view("test", temperature)),
-    }
-    if "val" in logits:
-        summary["val_ece_uncalibrated"] = expected_calibration_error(*view("val", 1.0))
-        summary["val_ece"] = expected_calibration_error(*view("val", temperature))
-        val_loss = task_metrics(
-            task.name, truth["val"], task.probabilities(logits["val"]), None, task.classes
-        )["loss"]
-        summary["val_nll_uncalibrated"] = val_loss
-        summary["val_nll"] = task_metrics(
-            task.name,
-            truth["val"],
-            task.probabilities(logits["val"], temperature),
-            None,
-            task.classes,
-        )["loss"]
-    curves = {"test, uncalibrated": view("test", 1.0)}
-    if temperature != 1.0:
-        curves[f"test, temperature {temperature:.2f}"] = view("test", temperature)
-    return summary, curves
-
-
-def _class_counts(data: PreparedData, task: Task) -> dict[str, dict[str, int]]:
-    """Images per class in each split (a multi-label image counts once per label it has)."""
-    counts = {}
-    for split, idx in data.splits.items():
-        targets = data.targets[idx]
-        if task.name == "multilabel":
-            per = targets.sum(0).round().long().tolist()
-        else:
-            per = torch.bincount(targets, minlength=len(task.classes)).tolist()
-        counts[split] = dict(zip(task.classes, per, strict=True))
-    return counts
-
-
-def _prediction_rows(
-    ctx: Context,
-    split: str,
-    idx: torch.Tensor,
-    model: TrainedModel,
-    *,
-    prob: np.ndarray,
-    scores: np.ndarray,
-) -> pd.DataFrame:
-    """One row per image: split, file, patient, true label, probabilities, ranking scores
-    (exact where a probability rounds to 0 or 1; see ``Task.scores``), decision."""
-    task, data = ctx.task, ctx.data
-    rows = idx.tolist()
-    truth = data.targets[idx].numpy()
-    frame = pd.DataFrame(
-        {
-            "split": split,
-            "file": [data.records[i].source for i in rows],
-            "patient": [data.patients[i] for i in rows],
-            "label": task.names(truth.astype(np.int64)),
-        }
-    )
-    if task.name == "binary":
-        frame["probability"], frame["score"] = prob, scores
-    else:
-        for j, name in enumerate(task.classes):
-            frame[f"probability_{name}"] = prob[:, j]
-        for j, name in enumerate(task.classes):
-            frame[f"score_{name}"] = scores[:, j]
-    frame["predicted"] = task.names(model.decide(prob))
-    return frame
 
 
 def resolved(ctx: Context) -> dict:
