@@ -18,7 +18,6 @@ from medxfer.evaluation.calibration import (
 )
 from medxfer.evaluation.intervals import (
     binary_intervals,
-    bootstrap_ci,
     bootstrap_intervals,
     resample_rows,
 )
@@ -444,7 +443,6 @@ def test_interval_has_the_width_of_the_normal_approximation():
     assert lo < acc < hi
     assert hi - lo == pytest.approx(2 * norm.ppf(0.975) * se, rel=0.15)
     assert result["resamples"] == 1000 and result["level"] == 0.95 and "used" not in result
-    assert bootstrap_ci(y, p, 0.5, 1000, 0) == result["intervals"]
 
 
 def test_interval_covers_the_true_auc():

@@ -66,16 +66,6 @@ def binary_intervals(
     return bootstrap_intervals(score, len(y), groups=groups, resamples=resamples, seed=seed)
 
 
-def bootstrap_ci(
-    y, prob, threshold: float, n_resamples: int = 1000, seed: int = 0, *, groups=None
-) -> dict[str, list[float] | None]:
-    """The intervals alone of ``binary_intervals``, in the shape ``metrics.json`` has always
-    stored under ``ci95``: ``{metric: [low, high] or None}``."""
-    return binary_intervals(y, prob, threshold, groups=groups, resamples=n_resamples, seed=seed)[
-        "intervals"
-    ]
-
-
 def draw(score: Score, n: int, *, groups=None, resamples: int, seed: int) -> dict[str, np.ndarray]:
     """The defined values of each metric of ``score`` over the resamples of ``resample_rows``."""
     if resamples < 1:

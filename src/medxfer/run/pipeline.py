@@ -303,7 +303,7 @@ def _run_data(
             task=model.task.name,
             positive=model.classes[1] if model.task.name == "binary" else None,
         )
-        return load_data(replace_data(cfg, location), runtime, options)
+        return load_data(replace(cfg, data=str(location)), runtime, options)
 
     if Path(location).resolve() == Path(cfg.data).resolve():
         return load(False), True
@@ -323,10 +323,6 @@ def _recorded_data_key(run) -> str | None:
         return RunFolder(path.parent if path.is_file() else path).read_resolved().get("data_key")
     except (OSError, ValueError, MedxferError):
         return None
-
-
-def replace_data(cfg: RunConfig, location: str) -> RunConfig:
-    return replace(cfg, data=str(location))
 
 
 def resolved(ctx: Context) -> dict:
