@@ -91,8 +91,10 @@ def test_transfer_run_beats_trivial_predictors(trained_run, lung_manifest):
     assert list(history["epoch"]) == [1, 2]
     for column in ("train_loss", "val_dice", "val_iou", "val_pixel_accuracy", "test_dice"):
         assert history[column].notna().all()
-    rows = pd.read_csv(trained_run / "predictions.csv")
-    assert list(rows.columns[:4]) == ["file", "dice", "iou", "pixel_accuracy"]
+    every = pd.read_csv(trained_run / "predictions.csv")
+    assert list(every.columns[:5]) == ["split", "file", "dice", "iou", "pixel_accuracy"]
+    assert every.split.value_counts().to_dict() == {"val": 8, "test": 8}
+    rows = every[every.split == "test"]
     assert "hd95" in rows.columns and len(rows) == 8
     assert rows["dice"].mean() == pytest.approx(metrics["test"]["dice"])
     assert not (trained_run / "checkpoint.pt").exists()

@@ -31,7 +31,8 @@ TRAIN_HELP = {
     "eval_batch_size": "batch size for evaluation and feature extraction",
     "optimizer": "adam, adamw or sgd",
     "task": "auto (binary for 2 classes, multiclass for more, multilabel for label sets), "
-    "binary, multiclass or multilabel",
+    "binary, multiclass or multilabel; segmentation or detection run `medxfer segment train` "
+    "or `medxfer detect train` (see their --help for their options)",
     "color": "auto (gray when every image has R = G = B), gray or rgb",
     "val_fraction": "carve this fraction of train (by patient, stratified) into validation "
     "(default 0.1; not with --folds)",
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.formatwarning = _format_warning
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_task_family_alias(sys.argv[1:] if argv is None else argv))
     try:
         tune_allocator(args.allocator)
         return args.handler(args) or 0
@@ -254,21 +255,33 @@ def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     from medxfer.config import RunConfig
 
-    hints = typing.get_type_hints(RunConfig)
+    _add_options(parser, RunConfig, TRAIN_HELP)
+
+
+def _add_options(parser: argparse.ArgumentParser, options: type, helps: dict[str, str]) -> None:
+    """A flag per field of the options dataclass ``options`` (but ``data`` and ``out``), its
+    type and default from the field: one rule for every task's ``train``."""
+    hints = typing.get_type_hints(options)
     group = parser.add_argument_group("run options (all saved in config.json)")
-    for f in fields(RunConfig):
+    for f in fields(options):
         if f.name in ("data", "out"):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
         kind = _base_type(hints[f.name])
-        help_text = TRAIN_HELP.get(f.name, "") + f" (default: {default})"
+        help_text = (helps.get(f.name) or TRAIN_HELP.get(f.name, "")) + f" (default: {default})"
         if kind is bool:
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
+        elif typing.get_origin(kind) is list:
+            group.add_argument(flag, type=_names, default=default, help=help_text)
         else:
             group.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _base_type(hint) -> type:
@@ -555,7 +568,11 @@ def _size(n: float) -> str:
     return f"{n:.0f} B" if step == 0 else f"{n:.1f} {units[step]}"
 
 
-# --- medxfer segment: lung masks on a frozen (or fine-tuned) ImageNet backbone ---------------
+# --- segmentation and detection: medxfer segment|detect train|predict|export ----------------
+# ``medxfer train --task segmentation|detection ...`` is the same command as
+# ``medxfer segment|detect train ...`` (see ``_task_family_alias``).
+
+FAMILY_COMMAND = {"segmentation": "segment", "detection": "detect"}
 
 SEGMENT_HELP = {
     "labels": "mask values, comma-separated; the i-th becomes class i (0,255: binary)",
@@ -564,61 +581,89 @@ SEGMENT_HELP = {
     "dice_weight": "weight of the soft Dice loss in ce+dice",
     "decoder_width": "channels of every U-Net decoder level",
     "select": "best-epoch rule on validation data: val_dice, val_loss or last",
-    "feature_cache": "transfer mode: encode validation and test images once",
+    "feature_cache": "frozen encoder: encode validation and test images once",
     "bootstrap": "bootstrap resamples for the 95%% intervals of test metrics (0: none)",
 }
+DETECT_HELP = {
+    "arch": "backbone: mobilenet_v2, resnet18, timm/tf_efficientnet_lite0, ...",
+    "mode": "transfer (frozen ImageNet backbone), scratch, or finetune",
+    "image_size": "longer image side at the working resolution",
+    "optimizer": "sgd (momentum 0.9) or adamw",
+    "classes": "comma-separated class names (default: those of the training boxes)",
+    "fpn_channels": "channels of the feature pyramid and the detection heads",
+    "augment": "random horizontal and vertical flips of training images",
+    "limit": "use only the first N images of each split (quick looks, tests)",
+}
+
+
+def _task_family_alias(argv: list[str]) -> list[str]:
+    """``train --task segmentation ...`` -> ``segment train ...`` (and detection likewise)."""
+    if not argv or argv[0] != "train":
+        return argv
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--task" and i + 1 < len(argv) else arg.partition("=")[2]
+        if (arg == "--task" or arg.startswith("--task=")) and value in FAMILY_COMMAND:
+            rest = argv[1:i] + argv[i + (2 if arg == "--task" else 1) :]
+            return [FAMILY_COMMAND[value], "train", *rest]
+    return argv
+
+
+def _add_family_parser(sub, command: str, options: type, helps: dict[str, str]) -> None:
+    """``medxfer segment|detect``: train (the options of ``options``), predict, export."""
+    what = {"segment": "segmentation (masks)", "detect": "object detection (boxes)"}[command]
+    p = sub.add_parser(command, help=f"{what} on an ImageNet backbone")
+    verbs = p.add_subparsers(dest=f"{command}_command", required=True)
+    q = verbs.add_parser("train", help="train one run (resumes an interrupted one)")
+    data_help = {"segment": "folder with split.csv, or a CSV manifest"}
+    q.add_argument("--data", required=True, help=data_help.get(command, "VOC folder or CSV"))
+    q.add_argument("--out", required=True, help="run folder to write")
+    _add_options(q, options, helps)
+    q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    q.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    family = next(f for f, c in FAMILY_COMMAND.items() if c == command)
+    q.set_defaults(handler=_family_train, options_class=options, family=family)
+
+    outputs = {"segment": "NAME_mask.png, NAME_overlay.png", "detect": "NAME.png, detections"}
+    q = verbs.add_parser("predict", help=f"for new images: {outputs[command]}")
+    q.add_argument("run", type=Path)
+    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    q.add_argument("--out", required=True, type=Path, help="folder for the outputs")
+    q.add_argument("--device", default="auto")
+    if command == "detect":
+        q.add_argument("--min-score", type=float, default=0.5, help="drop weaker detections")
+    q.set_defaults(handler=_segment_predict if command == "segment" else _detect_predict)
+    if command == "segment":
+        q = verbs.add_parser("export", help="ONNX model returning per-pixel probabilities")
+        q.add_argument("run", type=Path)
+        q.add_argument("--out", type=Path, help="default: RUN/model.onnx")
+        q.set_defaults(handler=_segment_export)
 
 
 def _add_segment_parser(sub) -> None:
     from medxfer.segmentation.options import SegmentationOptions
 
-    p = sub.add_parser("segment", help="segmentation (masks) on an ImageNet backbone")
-    seg = p.add_subparsers(dest="segment_command", required=True)
-    q = seg.add_parser("train", help="train one segmentation run (resumes an interrupted one)")
-    q.add_argument("--data", required=True, help="folder with split.csv, or a CSV manifest")
-    q.add_argument("--out", required=True, help="run folder to write")
-    hints = typing.get_type_hints(SegmentationOptions)
-    for f in fields(SegmentationOptions):
-        if f.name in ("data", "out"):
-            continue
-        flag, kind = "--" + f.name.replace("_", "-"), _base_type(hints[f.name])
-        help_text = (SEGMENT_HELP.get(f.name) or TRAIN_HELP.get(f.name, "")) + (
-            f" (default: {f.default})"
-        )
-        if kind is bool:
-            action = argparse.BooleanOptionalAction
-            q.add_argument(flag, action=action, default=f.default, help=help_text)
-        else:
-            q.add_argument(flag, type=kind, default=f.default, help=help_text)
-    q.add_argument("--quiet", action="store_true", help="no per-epoch lines")
-    q.set_defaults(handler=_segment_train)
-
-    q = seg.add_parser("predict", help="mask and overlay PNGs for new images")
-    q.add_argument("run", type=Path)
-    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    q.add_argument("--out", required=True, type=Path, help="folder for NAME_mask/overlay.png")
-    q.add_argument("--device", default="auto")
-    q.set_defaults(handler=_segment_predict)
-
-    q = seg.add_parser("export", help="ONNX model returning per-pixel probabilities")
-    q.add_argument("run", type=Path)
-    q.add_argument("--out", type=Path, help="default: RUN/model.onnx")
-    q.set_defaults(handler=_segment_export)
+    _add_family_parser(sub, "segment", SegmentationOptions, SEGMENT_HELP)
 
 
-def _segment_train(args: argparse.Namespace) -> int:
-    from medxfer.segmentation.options import SegmentationOptions
-    from medxfer.segmentation.run import train_segmentation
+def _add_detect_parser(sub) -> None:
+    from medxfer.detection.options import DetectionOptions
 
-    options = SegmentationOptions(
-        **{f.name: getattr(args, f.name) for f in fields(SegmentationOptions)}
-    )
-    run = train_segmentation(options, log=(lambda _m: None) if args.quiet else print)
-    test = json.loads((run / "metrics.json").read_text())["test"]
-    print(
-        f"{run}: test dice {test['dice']:.4f} iou {test['iou']:.4f} "
-        f"pixel accuracy {test['pixel_accuracy']:.4f} hd95 {test['hd95']:.2f} px"
-    )
+    _add_family_parser(sub, "detect", DetectionOptions, DETECT_HELP)
+
+
+def _family_train(args: argparse.Namespace) -> int:
+    import shutil
+
+    from medxfer.run.families import train_run
+
+    options = {f.name: getattr(args, f.name) for f in fields(args.options_class)}
+    options["task"] = args.family
+    if args.overwrite and Path(args.out).exists():
+        shutil.rmtree(args.out)
+    run = train_run(options, log=(lambda _m: None) if args.quiet else print)
+    test = json.loads((run / "metrics.json").read_text()).get("test") or {}
+    shown = " ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
+    print(f"{run}: test {shown}")
     return 0
 
 
@@ -635,75 +680,6 @@ def _segment_export(args: argparse.Namespace) -> int:
 
     path = export_onnx(args.run, args.out)
     print(f"wrote {path} and {path}.json (onnxruntime matches PyTorch within {ONNX_TOLERANCE})")
-
-
-# --- medxfer detect: object detection on a frozen / fine-tuned / scratch backbone -------------
-
-DETECT_HELP = {
-    "arch": "backbone: mobilenet_v2, resnet18, timm/tf_efficientnet_lite0, ...",
-    "mode": "transfer (frozen ImageNet backbone), scratch, or finetune",
-    "image_size": "longer image side at the working resolution",
-    "optimizer": "sgd (momentum 0.9) or adamw",
-    "classes": "comma-separated class names (default: those of the training boxes)",
-    "weights": "a local ImageNet weights file instead of the standard download",
-    "fpn_channels": "channels of the feature pyramid and the detection heads",
-    "augment": "random horizontal and vertical flips of training images",
-    "limit": "use only the first N images of each split (quick looks, tests)",
-    "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, mps",
-}
-
-
-def _add_detect_parser(sub) -> None:
-    from medxfer.detection.run import DetectionOptions
-
-    p = sub.add_parser("detect", help="object detection (boxes) on an ImageNet backbone")
-    detect = p.add_subparsers(dest="detect_command", required=True)
-    q = detect.add_parser("train", help="train a detector (resumes an interrupted run)")
-    q.add_argument("--data", required=True, help="VOC folder or CSV of boxes")
-    q.add_argument("--out", required=True, help="run folder to write")
-    for f in fields(DetectionOptions):
-        if f.name in ("data", "out"):
-            continue
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        if isinstance(default, bool):
-            q.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=DETECT_HELP.get(f.name),
-            )
-        elif f.name == "classes":
-            q.add_argument(
-                flag,
-                type=lambda v: [c.strip() for c in v.split(",") if c.strip()],
-                default=None,
-                help=DETECT_HELP[f.name],
-            )
-        else:
-            kind = {"limit": int}.get(f.name, type(default) if default is not None else str)
-            q.add_argument(flag, type=kind, default=default, help=DETECT_HELP.get(f.name))
-    q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    q.set_defaults(handler=_detect_train)
-
-    q = detect.add_parser("predict", help="boxes for new images: PNGs and detections.csv/json")
-    q.add_argument("run", type=Path)
-    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    q.add_argument("--out", type=Path, required=True, help="folder for the PNGs and tables")
-    q.add_argument("--min-score", type=float, default=0.5, help="drop weaker detections")
-    q.add_argument("--device", default="auto")
-    q.set_defaults(handler=_detect_predict)
-
-
-def _detect_train(args: argparse.Namespace) -> int:
-    from medxfer.detection.run import DetectionOptions, remove_run, train_detection
-
-    names = {f.name for f in fields(DetectionOptions)}
-    options = DetectionOptions(**{k: v for k, v in vars(args).items() if k in names})
-    if args.overwrite:
-        remove_run(Path(options.out))
-    out = train_detection(options)
-    test = json.loads((out / "metrics.json").read_text()).get("test") or {}
-    print(f"{out}: test mAP@0.5 {test.get('map_50')}, mAP@[.5:.95] {test.get('map')}")
     return 0
 
 

@@ -45,11 +45,18 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Iterable[Batch], device, classes: list[str]) -> dict:
-    """mAP@0.5 and mAP@[.5:.95], overall and per class, of ``model`` on ``loader``."""
+def evaluate(
+    model: nn.Module, loader: Iterable[Batch], device, classes: list[str]
+) -> tuple[dict, tuple[list[dict], list[dict]]]:
+    """mAP@0.5 and mAP@[.5:.95], overall and per class, of ``model`` on ``loader``; and the
+    predictions and targets per image (on the CPU, in the loader's order)."""
     model.eval()
     scores = DetectionScores(classes)
+    predictions, truths = [], []
     for batch in loader:
         images, targets = to_device(batch, device)
-        scores.update(model(images), targets)
-    return scores.compute()
+        found = model(images)
+        scores.update(found, targets)
+        predictions += [{k: v.cpu() for k, v in p.items()} for p in found]
+        truths += [{k: v.cpu() for k, v in t.items()} for t in targets]
+    return scores.compute(), (predictions, truths)

@@ -28,11 +28,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 
+from medxfer.detection.options import MODES as DETECTION_MODES
 from medxfer.errors import MedxferError
 from medxfer.models.factory import ModelSpec, create_model
 from medxfer.models.stages import backbone_stages
 
-DETECTION_MODES = ("transfer", "scratch", "finetune")
 LEVEL_STRIDES = (8, 16, 32)
 SIZES_PER_LEVEL = 2
 

@@ -1,67 +1,37 @@
 """One detection run end to end: boxes -> detector -> epochs -> run folder.
 
-The run folder mirrors classification's: ``config.json``, ``history.csv`` (per epoch: train
-losses, validation mAP), ``model.pt`` (best epoch by validation mAP@0.5, with its
-``DetectorSpec``), and ``metrics.json`` last (selected epoch, test mAP overall and per class,
-clipped/dropped box counts). ``checkpoint.pt`` holds the last finished epoch while training, so
-rerunning the same options resumes; other options on the same folder are refused.
+The run folder is classification's, kept by the skeleton segmentation shares
+(``medxfer.run.recorder``): ``config.json``, ``history.csv`` (per epoch: train losses,
+validation mAP), ``model.pt`` (best epoch by validation mAP@0.5, with its ``DetectorSpec``),
+``predictions.csv`` (every test box, true and predicted: the paired comparisons of a study
+recompute mAP from it), and ``metrics.json`` last (selected epoch, test mAP overall and per
+class with 95% intervals, clipped/dropped box counts). ``checkpoint.pt`` holds the last
+finished epoch while training, so rerunning the same options resumes; other options on the
+same folder are refused.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from medxfer.atomic import write_json, write_with
 from medxfer.detection.data import DetectionData, box_scales, decode_rgb, load_detection_data
 from medxfer.detection.engine import evaluate, train_one_epoch
+from medxfer.detection.metrics import box_table, detection_intervals, match_boxes
 from medxfer.detection.model import DetectorSpec, anchors_from_boxes, build_detector
+from medxfer.detection.options import DetectionOptions
 from medxfer.device import select_device
-from medxfer.errors import MedxferError
-from medxfer.run.folder import RunFolder, environment
+from medxfer.run.folder import RunFolder
+from medxfer.run.recorder import EpochState, Recorder
 
-OPTIMIZERS = ("sgd", "adamw")
-
-
-@dataclass
-class DetectionOptions:
-    """Every option of a detection run (all land in config.json)."""
-
-    data: str
-    out: str
-    arch: str = "mobilenet_v2"
-    mode: str = "transfer"
-    image_size: int = 320
-    epochs: int = 10
-    batch_size: int = 4
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    weight_decay: float = 1e-4
-    classes: list[str] | None = None
-    weights: str | None = None
-    fpn_channels: int = 64
-    augment: bool = True
-    limit: int | None = None
-    seed: int = 0
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise MedxferError(f"--optimizer {self.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
-        for name in ("image_size", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise MedxferError(f"--{name.replace('_', '-')} must be at least 1")
+TASK = "detection"
 
 
 class BoxDataset(Dataset):
@@ -97,11 +67,16 @@ def train_detection(options: DetectionOptions, *, log: Callable[[str], None] = p
     Bad input stops the run before anything is written.
     """
     options.validate()
-    out = Path(options.out)
-    if RunFolder(out).is_complete():
-        _check_same(options, out)
-        log(f"{out}: run already complete")
-        return out
+    recorder = Recorder(options.out, TASK, asdict(options))
+    if recorder.finished():
+        log(f"{options.out}: run already complete")
+        return Path(options.out)
+    with recorder.locked():
+        _train(options, recorder, log)
+    return Path(options.out)
+
+
+def _train(options: DetectionOptions, recorder: Recorder, log: Callable[[str], None]) -> None:
     data = load_detection_data(options.data, options.classes, options.limit)
     tensors = {s: _decode(data, s, options.image_size) for s in data.splits}
     scale_of = {p: sc for imgs in tensors.values() for p, sc in imgs[2].items()}
@@ -119,51 +94,37 @@ def train_detection(options: DetectionOptions, *, log: Callable[[str], None] = p
     torch.manual_seed(options.seed)
     device = select_device(options.device)
     model = build_detector(spec).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(options, params)
-    checkpoint = out / RunFolder.CHECKPOINT
-    state: dict = {"epoch": 0, "history": [], "best": None, "best_score": -1.0, "seconds": 0.0}
-    if (out / RunFolder.CONFIG).exists():
-        _check_same(options, out)
-        if checkpoint.exists():
-            saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            state = saved["state"]
-            log(f"{out}: resuming after epoch {state['epoch']}")
-    elif out.exists() and any(out.iterdir()):
-        raise MedxferError(f"{out}: output folder is not empty and holds no medxfer run")
-    write_json(out / RunFolder.CONFIG, _config(options, spec, data, device))
-
-    generator = torch.Generator().manual_seed(options.seed + state["epoch"])
+    optimizer = _optimizer(options, [p for p in model.parameters() if p.requires_grad])
+    state = recorder.resume(model, optimizer, log)
+    recorder.start(_resolved(spec, data, device))
+    generator = torch.Generator().manual_seed(options.seed + state.epoch)
     train_loader = _loader(tensors["train"], options, shuffle=True, generator=generator)
     val_loader = _loader(tensors["val"], options)
-    for epoch in range(state["epoch"] + 1, options.epochs + 1):
+    for epoch in range(state.epoch + 1, options.epochs + 1):
         started = time.perf_counter()
         losses = train_one_epoch(model, optimizer, train_loader, device)
-        val = evaluate(model, val_loader, device, list(data.classes))
-        seconds = time.perf_counter() - started
+        val, _ = evaluate(model, val_loader, device, list(data.classes))
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in losses.items()}}
-        row |= {"val_map_50": val["map_50"], "val_map": val["map"], "seconds": seconds}
-        state["history"].append(row)
-        state["epoch"], state["seconds"] = epoch, state["seconds"] + seconds
-        score = val["map_50"] if val["map_50"] is not None else 0.0
-        if score > state["best_score"]:
-            state["best_score"], state["best"] = score, (epoch, copy.deepcopy(model.state_dict()))
-        log(f"epoch {epoch}: loss {losses['loss']:.4f}  val mAP@0.5 {score:.4f} ({seconds:.0f} s)")
-        _save_epoch(out, state, model, optimizer)
-
-    model.load_state_dict(state["best"][1])
+        row |= {"val_map_50": val["map_50"], "val_map": val["map"]}
+        row["seconds"] = time.perf_counter() - started
+        # no validation box found at all: mAP undefined, ranked below any defined value
+        row["score"] = val["map_50"] if val["map_50"] is not None else float("-inf")
+        recorder.end_epoch(state, row, model=model, optimizer=optimizer)
+        log(
+            f"epoch {epoch}: loss {losses['loss']:.4f}  val mAP@0.5 {val['map_50'] or 0:.4f} "
+            f"({row['seconds']:.0f} s)"
+        )
+    model.load_state_dict(state.best_model)
     test = None
     if data.splits.get("test"):
-        test = evaluate(model, _loader(tensors["test"], options), device, list(data.classes))
-    write_with(
-        out / RunFolder.MODEL,
-        lambda tmp: torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict()}, tmp),
-    )
-    write_json(out / RunFolder.METRICS, _metrics(state, data, test, device))
-    checkpoint.unlink(missing_ok=True)
-    return out
+        test, boxes = evaluate(model, _loader(tensors["test"], options), device, data.classes)
+        files = [str(item.path) for item in data.splits["test"]]
+        table = _test_table(files, boxes, data.classes)
+        recorder.folder.write_predictions(table)
+        test = _with_intervals(test, table, data.classes, options)
+    saved = {"spec": spec.to_dict(), "state_dict": model.state_dict()}
+    recorder.folder.write_file(RunFolder.MODEL, lambda tmp: torch.save(saved, tmp))
+    recorder.finish(_metrics(state, data, test, device))
 
 
 def _decode(data: DetectionData, split: str, size: int):
@@ -196,51 +157,41 @@ def _optimizer(options: DetectionOptions, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=options.lr, momentum=0.9, weight_decay=options.weight_decay)
 
 
-def _save_epoch(out: Path, state: dict, model, optimizer) -> None:
-    frame = pd.DataFrame(state["history"])
-    write_with(out / RunFolder.HISTORY, lambda tmp: frame.to_csv(tmp, index=False))
-    saved = {"state": state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    write_with(out / RunFolder.CHECKPOINT, lambda tmp: torch.save(saved, tmp))
-
-
-def _metrics(state: dict, data: DetectionData, test: dict | None, device) -> dict:
-    best_epoch = state["best"][0]
-    row = state["history"][best_epoch - 1]
+def _metrics(state: EpochState, data: DetectionData, test: dict | None, device) -> dict:
+    row = state.history[state.best_epoch - 1]
     return {
-        "selected_epoch": best_epoch,
+        "selected_epoch": state.best_epoch,
         "selection": "val_map_50",
         "val": {"map_50": row["val_map_50"], "map": row["val_map"]},
         "test": test,
         "boxes": {s: asdict(c) for s, c in data.counts.items()},
         "images": {s: len(items) for s, items in data.splits.items()},
-        "train_seconds": state["seconds"],
+        "seconds": {"total": state.seconds},
         "device": str(device),
     }
 
 
-def _config(options: DetectionOptions, spec: DetectorSpec, data: DetectionData, device) -> dict:
+def _resolved(spec: DetectorSpec, data: DetectionData, device) -> dict:
     return {
-        "task": "detection",
-        "run": asdict(options),
-        "resolved": {
-            "detector": spec.to_dict(),
-            "images": {s: len(items) for s, items in data.splits.items()},
-            "device": str(device),
-        },
-        "environment": environment(),
+        "detector": spec.to_dict(),
+        "images": {s: len(items) for s, items in data.splits.items()},
+        "image_size": spec.image_size,
+        "device": str(device),
     }
 
 
-def _check_same(options: DetectionOptions, out: Path) -> None:
-    previous = json.loads((out / RunFolder.CONFIG).read_text()).get("run", {})
-    names = [f.name for f in fields(DetectionOptions) if f.name != "device"]
-    diff = [n for n in names if previous.get(n) != asdict(options)[n]]
-    if diff:
-        raise MedxferError(
-            f"{out}: holds a run with other settings ({', '.join(diff)}); use another --out"
-        )
+def _test_table(files: list[str], boxes: tuple[list, list], classes: list[str]):
+    """Every true and predicted test box (``predictions.csv``), with its split."""
+    table = box_table(files, boxes[0], boxes[1], classes)
+    table.insert(0, "split", "test")
+    return table
 
 
-def remove_run(out: Path) -> None:
-    """Delete a run folder (``--overwrite``)."""
-    shutil.rmtree(out, ignore_errors=True)
+def _with_intervals(test: dict, table, classes: list[str], options: DetectionOptions) -> dict:
+    """Test mAP with 95% intervals over images (COCO's matching, recomputed per resample)."""
+    if not options.bootstrap:
+        return test
+    matches = match_boxes(table, classes)
+    found = detection_intervals(matches, resamples=options.bootstrap, seed=options.seed)
+    method = {k: found[k] for k in ("method", "clusters", "resamples")}
+    return {**test, "ci95": found["intervals"], "interval_method": method}

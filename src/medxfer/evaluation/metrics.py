@@ -40,6 +40,9 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     ),
     "multiclass": ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc"),
     "multilabel": ("macro_roc_auc", "macro_average_precision", "macro_f1"),
+    # computed by medxfer.segmentation.metrics and medxfer.detection.metrics
+    "segmentation": ("dice", "iou", "pixel_accuracy", "hd95"),
+    "detection": ("map_50", "map"),
 }
 
 _SCALARS: dict[str, tuple[str, ...]] = {

@@ -65,6 +65,14 @@ class RunFolder:
     def read_config(self) -> RunConfig:
         return RunConfig.from_dict(self._config_json()["run"])
 
+    def read_options(self) -> dict[str, Any]:
+        """The run's options as stored (any task; ``read_config`` builds classification's)."""
+        return self._config_json()["run"]
+
+    def family(self) -> str:
+        """``classification``, ``segmentation`` or ``detection``: which code owns this run."""
+        return self._config_json().get("task", "classification")
+
     def read_resolved(self) -> dict[str, Any]:
         return self._config_json().get("resolved", {})
 
@@ -120,6 +128,13 @@ class RunFolder:
             {"run": cfg.to_dict(), "resolved": resolved, "environment": environment()},
         )
 
+    def write_task_config(self, task: str, options: dict[str, Any], resolved: dict) -> None:
+        """``config.json`` of a segmentation or detection run (``task`` names it)."""
+        write_json(
+            self.file(self.CONFIG),
+            {"task": task, "run": options, "resolved": resolved, "environment": environment()},
+        )
+
     def write_history(self, rows: list[dict]) -> None:
         self.write_table(self.HISTORY, pd.DataFrame(rows))
 
@@ -145,6 +160,16 @@ class RunFolder:
     def check_same(self, cfg: RunConfig) -> None:
         """Refuse to continue a run of other settings in this folder."""
         diff = cfg.differences(self.read_config())
+        if diff:
+            raise MedxferError(
+                f"{self.path}: holds a run with other settings ({', '.join(diff)}); "
+                "use another --out or --overwrite"
+            )
+
+    def check_options(self, options: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
+        """``check_same`` for runs whose options are a plain dict (segmentation, detection)."""
+        before = self.read_options()
+        diff = [k for k in options if k not in ignore and before.get(k) != options[k]]
         if diff:
             raise MedxferError(
                 f"{self.path}: holds a run with other settings ({', '.join(diff)}); "

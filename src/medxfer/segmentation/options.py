@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from medxfer.errors import MedxferError
@@ -73,8 +73,6 @@ class SegmentationOptions:
         self.label_values  # noqa: B018 - parses, raising on bad input
         get_augmentation(self.augment)
         SegmentationLoss(self.loss, ce_weight=self.ce_weight, dice_weight=self.dice_weight)
-        if self.bn == "adapt":
-            raise MedxferError("--bn adapt: not available for segmentation (frozen or train)")
         if self.select not in SELECTIONS:
             raise MedxferError(f"--select {self.select!r}: choose from {', '.join(SELECTIONS)}")
         if self.image_size < 32 or self.epochs < 1 or self.batch_size < 1:
@@ -82,11 +80,7 @@ class SegmentationOptions:
 
     @property
     def caches_features(self) -> bool:
-        return self.feature_cache and self.mode == "transfer" and self.bn == "frozen"
-
-    def differences(self, other: dict) -> list[str]:
-        mine = asdict(self)
-        return [k for k in mine if k != "out" and mine[k] != other.get(k)]
+        return self.feature_cache and self.mode == "transfer" and self.bn in ("frozen", "adapt")
 
 
 def options_from_dict(values: dict) -> SegmentationOptions:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from medxfer.config import RunConfig
 from medxfer.errors import MedxferError
 from medxfer.locking import LockHeld, exclusive_lock
+from medxfer.run.families import train_run
 from medxfer.run.folder import RunFolder
 from medxfer.study.compare import save_settings, write_comparisons
 from medxfer.study.spec import Cell, Study
@@ -32,15 +32,13 @@ def run_cell(options: dict, out: str, lock_dir: str, threads: int | None = None)
     """Train one cell unless it is finished or locked by another executor; return its state."""
     import torch
 
-    from medxfer.run.pipeline import train
-
     if RunFolder(out).is_complete():
         return "done"
     try:
         with exclusive_lock(Path(lock_dir) / f"{Path(out).name}.lock"):
             if threads:
                 torch.set_num_threads(threads)
-            train(RunConfig(out=out, **options), progress=False, log=lambda _: None)
+            train_run({**options, "out": out}, log=lambda _: None)
     except LockHeld:  # another executor has this cell (or another process its run folder)
         return "locked"
     return "trained"

@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 
 from medxfer.atomic import write_text, write_with
-from medxfer.config import RunConfig
 from medxfer.errors import MedxferError
 from medxfer.evaluation.metrics import HEADLINE
+from medxfer.run.families import family_of, options_class
 from medxfer.run.folder import RunFolder
 from medxfer.study.compare import POOLED, read_comparisons
 from medxfer.study.paper_values import COLUMNS, paper_value
@@ -39,6 +39,17 @@ FIGURE4 = {
     "binary": ("accuracy", "f1"),
     "multiclass": ("accuracy", "macro_f1"),
     "multilabel": ("macro_roc_auc", "macro_f1"),
+    "segmentation": ("dice", "iou"),
+    "detection": ("map_50", "map"),
+}
+# Figure 3's two panels: per-epoch columns of history.csv
+CURVES = {
+    "segmentation": ("train_loss", "val_dice"),
+    "detection": ("train_loss", "val_map_50"),
+}
+TASK_TITLE = {
+    "segmentation": "Segmentation: test Dice, IoU, pixel accuracy, HD95 (pixels)",
+    "detection": "Detection: test mAP@0.5 and mAP@[.5:.95]",
 }
 
 
@@ -55,7 +66,8 @@ def write_report(study_dir: Path) -> tuple[Path, Path]:
     for task in tasks:
         runs = frame[frame.task == task]
         suffix = f" ({task})" if len(tasks) > 1 else ""
-        parts += _tables(runs, pairs, settings, suffix)
+        tables = _task_tables if task in TASK_TITLE else _tables
+        parts += tables(runs, pairs, settings, suffix)
         parts += _figures(study_dir, runs, settings, suffix)
     parts += ["## Runs", "", _runs_table(frame), ""]
     markdown_text = "\n".join(parts)
@@ -84,7 +96,10 @@ def _preamble(study_dir: Path, frame: pd.DataFrame, settings: list[str]) -> list
         "(difference B − A as a fraction, 0.010 = one percentage point): a 95% bootstrap "
         "interval that resamples whole patients, and a p-value (DeLong for binary ROC AUC, exact "
         "McNemar for accuracy, paired bootstrap otherwise). ROC AUC (macro ROC AUC beyond "
-        "binary) is the primary metric; `p (Holm)` corrects the others for their number. With "
+        "binary) is the primary metric; `p (Holm)` corrects the others for their number. "
+        "Segmentation pairs images: the mean of per-image differences, Dice primary "
+        "(Wilcoxon signed-rank test); detection resamples images and recomputes COCO mAP, "
+        "mAP@0.5 primary. With "
         "several seeds/folds the pooled row is shown (mean difference, t-interval over "
         "replicates); `comparisons.csv` has every seed/fold.",
         "",
@@ -122,6 +137,21 @@ def _tables(runs: pd.DataFrame, pairs: pd.DataFrame, settings: list[str], suffix
         compared = _comparisons_table(pairs, set(frame.cell))
         if compared:
             parts += [f"Paired comparisons ({title.split(':')[0]}):", "", compared, ""]
+    return parts
+
+
+def _task_tables(runs: pd.DataFrame, pairs: pd.DataFrame, settings: list[str], suffix: str):
+    """Segmentation or detection: one table per learning rate, each with its comparisons
+    (there are no published values: the paper argues Section 3.4 without running it)."""
+    task = runs.task.iloc[0]
+    parts = []
+    for lr in sorted(runs.lr.unique(), reverse=True):
+        frame = runs[np.isclose(runs.lr, lr)]
+        title = f"{TASK_TITLE[task]}, learning rate {lr:g}"
+        parts += [f"## {title}{suffix}", "", _table(frame, settings, False), ""]
+        compared = _comparisons_table(pairs, set(frame.cell))
+        if compared:
+            parts += ["Paired comparisons:", "", compared, ""]
     return parts
 
 
@@ -206,18 +236,30 @@ def _p(value) -> str:
 
 def _runs_table(frame: pd.DataFrame) -> str:
     lines = ["| Run | Device | Wall time (s) | Selected epoch | Rerun |", "|---|---|---|---|---|"]
-    defaults = {f.name: f.default for f in fields(RunConfig)}
     for _, row in frame.iterrows():
+        family = family_of({"task": row.task})
+        defaults = {f.name: f.default for f in fields(options_class(family))}
         options = " ".join(
-            f"--{k.replace('_', '-')} {row[k]}"
+            _flag(k, row[k])
             for k in defaults
             if k not in ("data", "out") and _differs(row.get(k), defaults[k])
         )
-        command = f"`medxfer train --data {row.data} --out {row.out} {options}`"
+        verb = {"segmentation": "segment train", "detection": "detect train"}.get(family, "train")
+        command = f"`medxfer {verb} --data {row.data} --out {row.out} {options}`"
         lines.append(
             f"| {row.cell} | {row.device} | {row.seconds:.0f} | {row.selected_epoch} | {command} |"
         )
     return "\n".join(lines)
+
+
+def _flag(name: str, value) -> str:
+    """One option as the command line takes it (``--no-NAME`` for off, lists with commas)."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool | np.bool_):
+        return flag if value else f"--no-{flag[2:]}"
+    if isinstance(value, list | tuple | np.ndarray):
+        return f"{flag} {','.join(str(v) for v in value)}"
+    return f"{flag} {value}"
 
 
 def _differs(value, default) -> bool:
@@ -238,11 +280,12 @@ def _figures(study_dir: Path, runs: pd.DataFrame, settings: list[str], suffix: s
     keys = ["arch", "mode", *settings]
     first, second = FIGURE4[task]
     one = "one run per experiment, its first seed/fold"
+    curves = CURVES.get(task, ("train_loss", "train_accuracy"))
     draws: list[tuple[str, str, Callable[[Path], None] | None]] = [
         (
             "figure3_training_curves",
-            f"Figure 3: training loss and accuracy per epoch (transfer solid; {one})",
-            lambda p: _figure3(study_dir, shown, keys, p),
+            f"Figure 3: {curves[0]} and {curves[1]} per epoch (transfer solid; {one})",
+            lambda p: _figure3(study_dir, shown, keys, (curves, p)),
         ),
         (
             "figure4_test_metrics",
@@ -250,7 +293,9 @@ def _figures(study_dir: Path, runs: pd.DataFrame, settings: list[str], suffix: s
             lambda p: _figure4(at_base, keys, (first, second), p),
         ),
     ]
-    if task == "binary":
+    if task in TASK_TITLE:
+        pass  # no ROC curves or confusion matrices: the tables carry the test metrics
+    elif task == "binary":
         draws.append(
             (
                 "roc_curves",
@@ -266,7 +311,9 @@ def _figures(study_dir: Path, runs: pd.DataFrame, settings: list[str], suffix: s
                 None,
             )
         )
-    if task == "multilabel":
+    if task in TASK_TITLE:
+        pass
+    elif task == "multilabel":
         draws.append(
             (
                 "per_label_auc",
@@ -323,16 +370,18 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def _figure3(study_dir: Path, shown: pd.DataFrame, keys: list[str], path: Path) -> None:
+def _figure3(study_dir: Path, shown: pd.DataFrame, keys: list[str], target: tuple) -> None:
+    """Two per-epoch columns of each run's history (``target``: the columns, the file)."""
+    columns, path = target
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (_, row) in enumerate(shown.iterrows()):
         history = RunFolder(study_dir / "runs" / row.cell).read_history()
         style = "-" if row["mode"] == "transfer" else "--"
-        for ax, col in zip(axes, ("train_loss", "train_accuracy"), strict=True):
+        for ax, col in zip(axes, columns, strict=True):
             colour = plt.cm.tab10.colors[i % 10]
             ax.plot(history.epoch, history[col], style, color=colour, label=_short(row, keys))
-    for ax, title in zip(axes, ("training loss", "training accuracy"), strict=True):
+    for ax, title in zip(axes, [c.replace("_", " ") for c in columns], strict=True):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

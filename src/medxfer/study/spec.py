@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import itertools
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from medxfer.config import RunConfig
 from medxfer.errors import MedxferError
 from medxfer.models.factory import ModelSpec
 from medxfer.models.weights import torchvision_weights
+from medxfer.run.families import build_options, family_of, option_names
 from medxfer.study.table import COLUMN_OF, EXPERIMENT
 
 
@@ -52,7 +52,7 @@ class Study:
         return cells
 
 
-PRESETS = ("paper", "paper-offline", "quick")
+PRESETS = ("paper", "paper-offline", "quick", "segmentation", "detection")
 
 
 def load_study(
@@ -81,13 +81,14 @@ def load_study(
     for item in grid_overrides or []:
         key, _, values = item.partition("=")
         grid[key.strip().replace("-", "_")] = [_parse_value(v.strip()) for v in values.split(",")]
-    known = {f.name for f in fields(RunConfig)} - {"out"}
+    family = family_of(base)
+    known = option_names(family) - {"out"}
     compare = meta.get("compare", [])
     if not isinstance(compare, list):
         raise MedxferError(f"{source}: study.compare must be a list of run options")
     for key in [*base, *grid, *compare]:
         if key not in known:
-            raise MedxferError(f"{source}: {key!r} is not a run option")
+            raise MedxferError(f"{source}: {key!r} is not a {family} run option")
     compare = [COLUMN_OF.get(key, key) for key in compare]
     for key in compare:
         if key not in EXPERIMENT:
@@ -110,8 +111,10 @@ def load_study(
         compare=list(compare),
         weights=_weights_table(meta.get("weights", {}), source),
     )
+    if "task" in grid and any(family_of({"task": t}) != family for t in grid["task"]):
+        raise MedxferError(f"{source}: one study trains one kind of run (task {grid['task']})")
     for cell in study.cells():  # validate every cell before anything runs
-        RunConfig(out="-", **cell.options).validate()
+        build_options({**cell.options, "out": "-"})
     return study
 
 

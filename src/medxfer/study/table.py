@@ -20,19 +20,29 @@ from typing import Any
 import pandas as pd
 
 from medxfer.atomic import write_with
-from medxfer.config import RunConfig
 from medxfer.evaluation.metrics import HEADLINE, scalar_metrics
+from medxfer.run.families import FAMILIES, options_class
 from medxfer.run.folder import RunFolder
 
 TABLE = "results"
 SUMMARY = "summary"
 REPLICATES = ("seed", "fold")
-NOT_EXPERIMENT = ("out", "cache_dir", "device", "eval_batch_size", "bootstrap", *REPLICATES)
+NOT_EXPERIMENT = (
+    *("out", "cache_dir", "device", "eval_batch_size", "bootstrap", "feature_cache"),
+    *REPLICATES,
+)
 # Column of each option in the results: ``threshold`` holds the chosen value there, its rule
 # (what the experiment set) is ``threshold_rule``.
 COLUMN_OF = {"threshold": "threshold_rule"}
+# every option of every kind of run (classification's first); a kind's rows leave the others'
+# options empty, and ``task`` tells the kinds apart
 EXPERIMENT = tuple(
-    COLUMN_OF.get(f.name, f.name) for f in fields(RunConfig) if f.name not in NOT_EXPERIMENT
+    dict.fromkeys(
+        COLUMN_OF.get(f.name, f.name)
+        for family in FAMILIES
+        for f in fields(options_class(family))
+        if f.name not in NOT_EXPERIMENT
+    )
 )
 
 
@@ -47,6 +57,8 @@ def collect(out: Path) -> pd.DataFrame:
 def _row(folder: RunFolder) -> dict[str, Any] | None:
     if not folder.is_complete():
         return None
+    if folder.family() != "classification":
+        return _task_row(folder)
     metrics = folder.read_metrics()
     task = metrics.get("task", "binary")
     row = {"cell": folder.path.name, **folder.read_config().to_dict(), "task": task}
@@ -70,6 +82,25 @@ def _row(folder: RunFolder) -> dict[str, Any] | None:
             "device": metrics["device"],
             "torch": folder.read_environment().get("torch"),
         }
+    )
+    return row
+
+
+def _task_row(folder: RunFolder) -> dict[str, Any]:
+    """A segmentation or detection run: its options and its task's headline test metrics."""
+    metrics = folder.read_metrics()
+    task, test = metrics["task"], metrics.get("test") or {}
+    row = {"cell": folder.path.name, **folder.read_options(), "task": task}
+    row["image_size"] = folder.read_resolved().get("image_size", row.get("image_size"))
+    for key in HEADLINE[task]:
+        row[key] = test.get(key)
+        interval = (test.get("ci95") or {}).get(key)
+        row[f"{key}_ci_low"], row[f"{key}_ci_high"] = interval or (None, None)
+    row.update(
+        selected_epoch=metrics["selected_epoch"],
+        seconds=metrics["seconds"]["total"],
+        device=metrics["device"],
+        torch=folder.read_environment().get("torch"),
     )
     return row
 

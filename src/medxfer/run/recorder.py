@@ -1,0 +1,103 @@
+"""The epochs of a segmentation or detection run in its run folder: resume, record, finish.
+
+Classification has its staged pipeline (``medxfer.run.pipeline``); segmentation and detection
+share this smaller skeleton, with the same rules: one process per folder (``run_folder_lock``),
+a non-empty folder that holds no run is never written into, other settings in the same folder
+are refused, a damaged checkpoint means a fresh start (``load_checkpoint_or_none``), every file
+is written atomically and ``metrics.json`` last.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medxfer.checkpoint import load_checkpoint_or_none
+from medxfer.errors import MedxferError
+from medxfer.locking import run_folder_lock
+from medxfer.run.folder import RunFolder
+
+# options that change where a run's files go or how fast it runs, not what it computes
+NOT_COMPARED = ("out", "device", "eval_batch_size")
+
+
+@dataclass
+class EpochState:
+    """What a checkpoint carries besides the weights: the epochs so far and the best one."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float | None = None  # higher is better
+    best_model: dict | None = None
+    seconds: float = 0.0
+
+
+class Recorder:
+    """The run folder ``out`` of one ``task`` ("segmentation", "detection") with ``options``
+    (what ``config.json`` stores under ``run``)."""
+
+    def __init__(self, out: str | Path, task: str, options: dict[str, Any]) -> None:
+        self.folder = RunFolder(out)
+        self.task = task
+        self.options = options
+
+    def finished(self) -> bool:
+        """Whether this run is already complete here (refused if the folder holds another)."""
+        if not self.folder.is_complete():
+            return False
+        self.folder.check_options(self.options, NOT_COMPARED)
+        return True
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Keep a second process off this folder while training."""
+        with run_folder_lock(self.folder.path):
+            yield
+
+    def resume(self, model, optimizer, log: Callable[[str], None]) -> EpochState:
+        """A fresh state, or that of the last finished epoch of an interrupted run of the same
+        options (weights and optimizer restored in place)."""
+        if self.folder.is_foreign():
+            raise MedxferError(
+                f"{self.folder}: output folder is not empty and holds no medxfer run"
+            )
+        if not self.folder.has_run():
+            return EpochState()
+        self.folder.check_options(self.options, NOT_COMPARED)
+        saved = load_checkpoint_or_none(self.folder.file(RunFolder.CHECKPOINT))
+        if saved is None or "optimizer" not in saved:
+            return EpochState()
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = EpochState(**saved["state"])
+        log(f"{self.folder}: resuming after epoch {state.epoch}")
+        return state
+
+    def start(self, resolved: dict[str, Any]) -> None:
+        self.folder.write_task_config(self.task, self.options, resolved)
+
+    def end_epoch(self, state: EpochState, row: dict, *, model, optimizer) -> None:
+        """Record ``row`` (its ``score``, higher better, picks the best epoch; it is not kept
+        in the history), then write the history and a checkpoint."""
+        import torch
+
+        score = row.pop("score")
+        state.history.append(row)
+        state.epoch, state.seconds = row["epoch"], state.seconds + row["seconds"]
+        if state.best_score is None or score > state.best_score:
+            state.best_score, state.best_epoch = score, row["epoch"]
+            state.best_model = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
+        self.folder.write_history(state.history)
+        saved = {"state": asdict(state), "model": model.state_dict()}
+        saved["optimizer"] = optimizer.state_dict()
+        self.folder.write_file(RunFolder.CHECKPOINT, lambda tmp: torch.save(saved, tmp))
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        """Write ``metrics.json`` (the run is complete) and drop the checkpoint."""
+        self.folder.write_metrics({"task": self.task, **metrics})
+        self.folder.file(RunFolder.CHECKPOINT).unlink(missing_ok=True)
