@@ -255,7 +255,7 @@ def test_empty_mask_cases_and_summary():
     np.testing.assert_array_equal(rows["dice"], [1.0, 0.0, 0.0])
     np.testing.assert_array_equal(rows["iou"], [1.0, 0.0, 0.0])
     assert rows["hd95"][0] == 0.0 and np.isnan(rows["hd95"][1:]).all()
-    summary = summarize(rows, n_resamples=0)
+    summary = summarize(rows, resamples=0)
     assert summary["hd95_undefined"] == 2 and summary["hd95"] == 0.0
     assert summary["dice"] == pytest.approx(1 / 3)
 
@@ -263,7 +263,7 @@ def test_empty_mask_cases_and_summary():
 def test_bootstrap_interval_is_a_percentile_interval_of_the_mean():
     values = np.random.default_rng(0).uniform(0.6, 0.95, size=60)
     rows = {"dice": values, "iou": values, "pixel_accuracy": values, "hd95": values}
-    low, high = summarize(rows, n_resamples=2000, seed=1)["ci95"]["dice"]
+    low, high = summarize(rows, resamples=2000, seed=1)["ci95"]["dice"]
     half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))  # normal approximation
     assert low < values.mean() < high
     assert (high - low) / 2 == pytest.approx(half, rel=0.2)

@@ -668,11 +668,17 @@ def _family_train(args: argparse.Namespace) -> int:
 
 
 def _segment_predict(args: argparse.Namespace) -> int:
-    from medxfer.segmentation.inference import predict_masks
+    from medxfer.segmentation.inference import MASKS_CSV, predict_masks
 
-    masks = predict_masks(args.run, args.inputs, args.out, device_name=args.device)
-    print(f"wrote {len(masks)} masks and overlays to {args.out}")
-    return 0
+    rows = predict_masks(args.run, args.inputs, args.out, device_name=args.device)
+    failed = rows[rows.error.notna()]
+    print(
+        f"wrote {len(rows) - len(failed)} masks and overlays to {args.out}"
+        f" ({MASKS_CSV} lists every input; {len(failed)} failed)"
+    )
+    for _, r in failed.iterrows():
+        print(f"medxfer: {r.file}: {r.error}", file=sys.stderr)
+    return 1 if len(failed) else 0
 
 
 def _segment_export(args: argparse.Namespace) -> int:

@@ -8,8 +8,11 @@ Two layouts, both read through one manifest table:
 * a CSV manifest ``path,mask,split[,patient]``, paths relative to the CSV's folder.
 
 Column names: ``path`` or ``image`` is the image (lung_seg's ``image``), ``mask`` its mask,
-``split`` one of train/val/test; other columns (``patient``, lung_seg's ``source`` and ``tb``)
-are ignored (lung_seg has one image per patient, so images are the units of the bootstrap).
+``split`` one of train/val/test, and an optional ``patient``: images of one patient are not
+independent, so intervals resample whole patients when the column is there (an image with a
+blank patient is its own patient, ``file:<path>``, as in classification). Other columns
+(lung_seg's ``source`` and ``tb``) are ignored; lung_seg has no ``patient`` column: one image
+per patient, so images are the units of the bootstrap.
 Masks hold the declared label values (default ``0, 255``: binary); the i-th declared value
 becomes class i.
 """
@@ -40,6 +43,7 @@ class SegmentationData:
     files: list[str]
     splits: dict[str, torch.Tensor]
     labels: tuple[int, ...]
+    patients: list[str] | None = None  # one per image, from the manifest's ``patient`` column
 
     @property
     def num_classes(self) -> int:
@@ -72,11 +76,20 @@ def load_segmentation(
         files=table["path"].tolist(),
         splits=splits,
         labels=tuple(labels),
+        patients=patient_ids(table),
     )
 
 
+def patient_ids(table: pd.DataFrame) -> list[str] | None:
+    """The ``patient`` column, blanks as ``file:<path>`` (own cluster); None without it."""
+    if "patient" not in table.columns:
+        return None
+    return [p.strip() or f"file:{f}" for p, f in zip(table["patient"], table["path"], strict=True)]
+
+
 def read_manifest(location: Path) -> tuple[pd.DataFrame, Path]:
-    """The table (columns path, mask, split) and the folder its paths are relative to."""
+    """The table (columns path, mask, split[, patient]) and the folder its paths are relative
+    to."""
     csv = location / "split.csv" if location.is_dir() else location
     if not csv.is_file():
         raise MedxferError(f"{csv}: not found (need a folder with split.csv, or a CSV manifest)")
@@ -99,7 +112,8 @@ def read_manifest(location: Path) -> tuple[pd.DataFrame, Path]:
     for path, mask in zip(table["path"], table["mask"], strict=True):
         if not mask:
             raise MedxferError(f"{csv.parent / path}: image with no mask")
-    return table[["path", "mask", "split"]].reset_index(drop=True), csv.parent
+    columns = ["path", "mask", "split"] + (["patient"] if "patient" in table.columns else [])
+    return table[columns].reset_index(drop=True), csv.parent
 
 
 def load_pair(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -27,6 +28,7 @@ from medxfer.segmentation.run import load_segmentation_run
 OVERLAY_RGB = (255, 40, 40)
 OVERLAY_ALPHA = 0.4
 ONNX_TOLERANCE = 1e-4
+MASKS_CSV = "masks.csv"  # predict's table of inputs and what was written for each
 
 
 class ProbabilityModel(nn.Module):
@@ -43,36 +45,57 @@ class ProbabilityModel(nn.Module):
 
 def predict_masks(
     run: str | Path, inputs: list[str], out_dir: str | Path, *, device_name: str = "auto"
-) -> list[Path]:
+) -> pd.DataFrame:
     """Write ``NAME_mask.png`` (the run's label values, at the input's own size) and
-    ``NAME_overlay.png`` for every input image; return the mask paths."""
+    ``NAME_overlay.png`` for every readable input image, and ``masks.csv``: a row per input
+    with ``file``, ``mask`` and ``overlay`` (names within ``out_dir``; empty for a failed
+    input) and ``error`` (empty unless the input could not be read). An unreadable input does
+    not stop the others, as in classification's ``predict_files``. Returns that table."""
     model, saved = load_segmentation_run(run)
     size = options_from_dict(saved["options"]).image_size
     labels = np.asarray(saved["labels"], dtype=np.int64)
     if labels.max() > 255 or labels.min() < 0:
         raise MedxferError(f"{run}: label values {labels.tolist()} do not fit an 8-bit PNG")
-    device = select_device(device_name)
-    wrapper = ProbabilityModel(model.to(device))
+    wrapper = ProbabilityModel(model.to(select_device(device_name)))
     out_dir = Path(out_dir)
-    written: list[Path] = []
+    rows, used = [], set()
     for path in expand_inputs(inputs):
-        stem = _unique_stem(path.stem, {p.name for p in written})
-        gray = read_gray(path)
-        x = torch.from_numpy(np.array(resize_square(gray, size))).float().div(255.0)[None, None]
-        with torch.inference_mode():
-            prob = wrapper(x.to(device))
-            prob = F.interpolate(prob, size=gray.shape, mode="bilinear", align_corners=False)
-        classes = prob.argmax(dim=1)[0].cpu().numpy()
-        mask = labels[classes].astype(np.uint8)
-        target = out_dir / f"{stem}_mask.png"
-        write_with(target, lambda tmp, m=mask: Image.fromarray(m).save(tmp, format="PNG"))
-        overlay = _overlay(gray, classes > 0)
-        write_with(
-            out_dir / f"{stem}_overlay.png",
-            lambda tmp, o=overlay: Image.fromarray(o).save(tmp, format="PNG"),
-        )
-        written.append(target)
-    return written
+        row = {"file": str(path), "mask": None, "overlay": None, "error": None}
+        try:
+            gray = read_gray(path)
+        except MedxferError as exc:
+            rows.append({**row, "error": str(exc).removeprefix(f"{path}: ")})
+            continue
+        stem = _unique_stem(path.stem, used)
+        used.add(f"{stem}_mask.png")
+        rows.append({**row, **_write_mask(wrapper, gray, (size, labels), out_dir / stem)})
+    table = pd.DataFrame(rows, columns=["file", "mask", "overlay", "error"])
+    write_with(out_dir / MASKS_CSV, lambda tmp: table.to_csv(tmp, index=False))
+    return table
+
+
+def _write_mask(
+    wrapper: ProbabilityModel, gray: np.ndarray, spec: tuple[int, np.ndarray], prefix: Path
+) -> dict[str, str]:
+    """Predict one gray image at the run's ``size``, write ``PREFIX_mask.png`` (``labels``
+    values) and ``PREFIX_overlay.png`` at the image's own size; return their names."""
+    size, labels = spec
+    device = next(wrapper.parameters()).device
+    x = torch.from_numpy(np.array(resize_square(gray, size))).float().div(255.0)[None, None]
+    with torch.inference_mode():
+        prob = wrapper(x.to(device))
+        prob = F.interpolate(prob, size=gray.shape, mode="bilinear", align_corners=False)
+    classes = prob.argmax(dim=1)[0].cpu().numpy()
+    images = {
+        "mask": labels[classes].astype(np.uint8),
+        "overlay": _overlay(gray, classes > 0),
+    }
+    names = {}
+    for kind, pixels in images.items():
+        target = prefix.with_name(f"{prefix.name}_{kind}.png")
+        write_with(target, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
+        names[kind] = target.name
+    return names
 
 
 def export_onnx(run: str | Path, out: str | Path | None = None) -> Path:

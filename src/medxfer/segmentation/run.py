@@ -176,7 +176,8 @@ def _finish(
         results[split] = (loss, rows)
         idx = data.splits[split].tolist()
         files = [data.files[i] for i in idx]
-        tables.append(pd.DataFrame({"split": split, "file": files, **rows}))
+        patients = _patients(data, idx)
+        tables.append(pd.DataFrame({"split": split, "file": files, "patient": patients, **rows}))
     folder = recorder.folder
     folder.write_predictions(pd.concat(tables, ignore_index=True))
     saved = {
@@ -194,10 +195,15 @@ def _finish(
         "selection": options.select,
         "test": {
             "loss": test_loss,
-            **summarize(test_rows, n_resamples=options.bootstrap, seed=options.seed),
+            **summarize(
+                test_rows,
+                groups=_patients(data, data.splits["test"].tolist(), known_only=True),
+                resamples=options.bootstrap,
+                seed=options.seed,
+            ),
         },
         "val": (
-            {"loss": results["val"][0], **summarize(results["val"][1], n_resamples=0)}
+            {"loss": results["val"][0], **summarize(results["val"][1], resamples=0)}
             if "val" in results
             else None
         ),
@@ -211,6 +217,15 @@ def _finish(
         "device": str(device),
     }
     recorder.finish(metrics)
+
+
+def _patients(data: SegmentationData, rows: list[int], *, known_only: bool = False):
+    """The patient of each of ``rows``: the manifest's, else the image itself (one image per
+    patient, as in lung_seg; written ``file:NAME`` as classification does). With
+    ``known_only``, None when the manifest names no patients (images are the units)."""
+    if data.patients is None:
+        return None if known_only else [f"file:{data.files[i]}" for i in rows]
+    return [data.patients[i] for i in rows]
 
 
 def _resolved(options, data: SegmentationData, model: SegmentationModel, device) -> dict:

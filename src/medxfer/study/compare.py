@@ -35,6 +35,7 @@ import pandas as pd
 from scipy import stats
 
 from medxfer.atomic import write_json, write_with
+from medxfer.errors import MedxferError
 from medxfer.evaluation.metrics import HEADLINE, task_metrics
 from medxfer.evaluation.paired import delong_test, holm, mcnemar_exact, paired_bootstrap
 from medxfer.run.folder import RunFolder
@@ -42,7 +43,13 @@ from medxfer.study.table import EXPERIMENT, collect, experiment_of, label, varyi
 
 FILE = "comparisons.csv"
 SETTINGS = "study.json"
-PRIMARY = {"binary": "roc_auc", "multiclass": "macro_roc_auc", "multilabel": "macro_roc_auc"}
+PRIMARY = {
+    "binary": "roc_auc",
+    "multiclass": "macro_roc_auc",
+    "multilabel": "macro_roc_auc",
+    "segmentation": "dice",
+    "detection": "map_50",
+}
 MODE_ORDER = ("scratch", "transfer", "finetune", "partial")
 POOLED = "pooled"
 COLUMNS = (
@@ -178,6 +185,8 @@ def _replicate_rows(study_dir: Path, run_a: pd.Series, run_b: pd.Series, common:
         RunFolder(study_dir / "runs" / run_a.cell),
         RunFolder(study_dir / "runs" / run_b.cell),
     )
+    if run_a.task in ("segmentation", "detection"):
+        return _task_pair_rows((folder_a, folder_b), (run_a, run_b), common)
     refusal, aligned = _align(folder_a, folder_b)
     if refusal:
         return [{**common, "task": run_a.task, "note": refusal}]
@@ -218,6 +227,45 @@ def _replicate_rows(study_dir: Path, run_a: pd.Series, run_b: pd.Series, common:
             }
         )
     return _adjust(rows)
+
+
+def _task_pair_rows(folders: tuple, runs: tuple, common: dict) -> list[dict]:
+    """Segmentation or detection: the task's own paired comparison of the two runs' test
+    predictions (``medxfer.segmentation.metrics``, ``medxfer.detection.metrics``)."""
+    task = runs[0].task
+    resamples = int(min(runs[0].bootstrap, runs[1].bootstrap))
+    tables = [f.read_predictions("test") for f in folders]
+    try:
+        if task == "segmentation":
+            rows = _segmentation_pair(tables, resamples, int(runs[0].seed))
+        else:
+            rows = _detection_pair(folders, tables, resamples, int(runs[0].seed))
+    except MedxferError as exc:
+        return [{**common, "task": task, "note": f"{exc}; not paired"}]
+    return [{**common, "task": task, **row} for row in rows]
+
+
+def _segmentation_pair(tables: list[pd.DataFrame], resamples: int, seed: int) -> list[dict]:
+    from medxfer.segmentation.metrics import paired_segmentation
+
+    pa, pb = tables
+    if not (pa.file.is_unique and pb.file.is_unique) or set(pa.file) != set(pb.file):
+        raise MedxferError(f"not the same test images ({len(pa)} and {len(pb)})")
+    pb = pb.set_index("file").loc[pa.file].reset_index()
+    patients = pa.patient.astype(str) if "patient" in pa else pd.Series(["file:"] * len(pa))
+    known = not patients.str.startswith("file:").all()
+    return paired_segmentation(
+        pa, pb, groups=patients.to_numpy() if known else None, resamples=resamples, seed=seed
+    )
+
+
+def _detection_pair(folders, tables: list[pd.DataFrame], resamples: int, seed: int) -> list:
+    from medxfer.detection.metrics import paired_detection_rows
+
+    classes = [f.read_resolved()["detector"]["classes"] for f in folders]
+    if classes[0] != classes[1]:
+        raise MedxferError(f"other classes ({classes[0]} and {classes[1]})")
+    return paired_detection_rows(tables, classes[0], resamples=resamples, seed=seed)
 
 
 def _align(a: RunFolder, b: RunFolder) -> tuple[str | None, tuple | None]:
