@@ -136,7 +136,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
             task=first.task,
             replicates=len(runs),
             seeds=" ".join(sorted({_text(v) for v in runs.seed})),
-            folds=" ".join(sorted({_text(v) for v in runs.fold})),
+            folds=" ".join(sorted({_text(v) for v in runs.get("fold", [None])})),
             cells=" ".join(runs.cell),
         )
         for metric in HEADLINE[first.task]:
