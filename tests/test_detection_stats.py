@@ -61,7 +61,7 @@ def _reference(predictions: list[dict], targets: list[dict], classes: list[str])
 
 def _assert_same(ours: dict, reference: dict, tol: float = 1e-9) -> None:
     def close(a, b):
-        return a is None and b is None or (a is not None and b is not None and abs(a - b) <= tol)
+        return (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= tol)
 
     assert close(ours["map_50"], reference["map_50"]), (ours, reference)
     assert close(ours["map"], reference["map"]), (ours, reference)
@@ -296,3 +296,12 @@ def test_paired_detection_identical_better_and_refused(bccd_case):
     other = match_boxes(box_table(files, predictions, moved, CLASSES), CLASSES)
     with pytest.raises(MedxferError, match=rf"{files[2]}: the runs' truth boxes differ"):
         paired_detection(noisy, other, resamples=10, seed=0)
+
+
+def test_unique_stem_numbers_repeated_names_past_those_taken():
+    from medxfer.inference.predict import unique_stem
+
+    used: set[str] = set()
+    for stem in ["x", "x_2", "x", "x", "y"]:
+        used.add(unique_stem(stem, used))
+    assert used == {"x", "x_2", "x_3", "x_4", "y"}

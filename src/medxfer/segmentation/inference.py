@@ -19,7 +19,7 @@ from medxfer.atomic import write_json, write_with
 from medxfer.data.images import read_gray, resize_square
 from medxfer.device import select_device
 from medxfer.errors import MedxferError
-from medxfer.inference.predict import expand_inputs
+from medxfer.inference.predict import expand_inputs, unique_stem
 from medxfer.segmentation.model import SegmentationModel
 from medxfer.segmentation.options import options_from_dict
 from medxfer.segmentation.run import load_segmentation_run
@@ -55,8 +55,10 @@ def predict_masks(
     wrapper = ProbabilityModel(model.to(device))
     out_dir = Path(out_dir)
     written: list[Path] = []
+    stems: set[str] = set()
     for path in expand_inputs(inputs):
-        stem = _unique_stem(path.stem, {p.name for p in written})
+        stem = unique_stem(path.stem, stems)
+        stems.add(stem)
         gray = read_gray(path)
         x = torch.from_numpy(np.array(resize_square(gray, size))).float().div(255.0)[None, None]
         with torch.inference_mode():
@@ -126,15 +128,6 @@ def onnx_gap(path: Path, wrapper: nn.Module, gray: torch.Tensor) -> float:
     with torch.inference_mode():
         want = wrapper(gray).numpy()
     return float(np.abs(got - want).max())
-
-
-def _unique_stem(stem: str, used: set[str]) -> str:
-    """``NAME``, or ``NAME_2``, ... when inputs from different folders share a name."""
-    candidate, n = stem, 1
-    while f"{candidate}_mask.png" in used:
-        n += 1
-        candidate = f"{stem}_{n}"
-    return candidate
 
 
 def _overlay(gray: np.ndarray, foreground: np.ndarray) -> np.ndarray:
