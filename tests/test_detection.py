@@ -380,3 +380,37 @@ def test_predict_names_same_stems_apart_and_answers_past_an_unreadable_file(
     assert set(good["file"]) == set(map(str, inputs)) and good["error"].isna().all()
     records = json.loads((dest / "detections.json").read_text())
     assert records[-1]["file"] == str(broken) and records[-1]["xmin"] is None
+
+
+@needs_bccd
+@pytest.mark.integration
+def test_the_test_box_table_of_a_trained_run_gives_its_metrics_json_map(trained_run, bccd_csv):
+    """The hand-written mAP on the run's own test detections (``engine.detect`` ->
+    ``box_table`` -> ``match_boxes``) is the torchmetrics mAP the run wrote (float32)."""
+    from medxfer.detection.data import decode_rgb
+    from medxfer.detection.engine import detect
+    from medxfer.detection.metrics import box_table, match_boxes, mean_average_precision
+    from medxfer.detection.predict import load_detector
+
+    out, _, _ = trained_run
+    model, spec = load_detector(out)
+    data = load_detection_data(bccd_csv)
+    items = data.splits["test"]
+    images, targets = [], []
+    for item in items:
+        image, scale = decode_rgb(item.path, spec.image_size)
+        images.append(image)
+        boxes = torch.from_numpy(item.boxes * scale).float()
+        targets.append({"boxes": boxes, "labels": data.label_ids(item)})
+    batches = [(images[i : i + 4], targets[i : i + 4]) for i in range(0, len(images), 4)]
+    predictions, truths = detect(model, batches, torch.device("cpu"))
+    table = box_table([a.path for a in items], predictions, truths, data.classes)
+    ours = mean_average_precision(match_boxes(table, data.classes))
+    assert (table.source == "prediction").sum() > 0
+    written = json.loads((out / "metrics.json").read_text())["test"]
+    assert written["map_50"] > 0  # float32 rounding only: relative 1e-6
+    assert ours["map_50"] == pytest.approx(written["map_50"], rel=1e-6, abs=1e-12)
+    assert ours["map"] == pytest.approx(written["map"], rel=1e-6, abs=1e-12)
+    for name, values in written["per_class"].items():
+        for key, value in values.items():
+            assert ours["per_class"][name][key] == pytest.approx(value, rel=1e-6, abs=1e-12)

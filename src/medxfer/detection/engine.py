@@ -45,11 +45,21 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
+def detect(model: nn.Module, loader: Iterable[Batch], device) -> tuple[list[dict], list[dict]]:
+    """Every image's detections and targets, on the CPU, in the loader's order: what
+    ``DetectionScores`` scores and ``metrics.box_table`` lists."""
+    model.eval()
+    predictions: list[dict] = []
+    targets: list[dict] = []
+    for batch in loader:
+        images, truth = to_device(batch, device)
+        predictions += [{k: v.detach().cpu() for k, v in p.items()} for p in model(images)]
+        targets += [{k: v.cpu() for k, v in t.items()} for t in truth]
+    return predictions, targets
+
+
 def evaluate(model: nn.Module, loader: Iterable[Batch], device, classes: list[str]) -> dict:
     """mAP@0.5 and mAP@[.5:.95], overall and per class, of ``model`` on ``loader``."""
-    model.eval()
     scores = DetectionScores(classes)
-    for batch in loader:
-        images, targets = to_device(batch, device)
-        scores.update(model(images), targets)
+    scores.update(*detect(model, loader, device))
     return scores.compute()
