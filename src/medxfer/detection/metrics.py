@@ -84,6 +84,7 @@ BOX = ["xmin", "ymin", "xmax", "ymax"]
 IOU_THRESHOLDS = np.array(torch.linspace(0.5, 0.95, 10).tolist())
 RECALL_POINTS = np.array(torch.linspace(0.0, 1.0, 101).tolist())
 MAX_DETECTIONS = 100  # COCO's maxDets, per image and class
+SUMMARY = ("map_50", "map")  # what intervals and paired comparisons report
 
 
 def box_table(
@@ -393,9 +394,6 @@ def paired_detection(
     result["values_b"] = {k: full_b[k] for k in SUMMARY}
     result["diff"] = {k: _minus(full_b[k], full_a[k]) for k in SUMMARY}
     return result
-
-
-SUMMARY = ("map_50", "map")
 
 
 def _minus(b: float | None, a: float | None) -> float | None:
