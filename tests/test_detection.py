@@ -335,10 +335,82 @@ def test_predict_writes_drawn_images_and_boxes_in_original_pixels(trained_run, t
         with Image.open(dest / f"{image.stem}.png") as png:
             assert png.size == (SIZE, SIZE * 3 // 4) and png.mode == "RGB"
     table = pd.read_csv(dest / "detections.csv")
-    assert list(table.columns) == ["file", "label", "score", "xmin", "ymin", "xmax", "ymax"]
+    columns = ["file", "label", "score", "xmin", "ymin", "xmax", "ymax", "error"]
+    assert list(table.columns) == columns and table["error"].isna().all()
     assert len(table) > 0 and set(table["label"]) <= {"Platelets", "RBC", "WBC"}
     assert (table["xmin"] >= 0).all() and (table["xmax"] <= 640).all()
     assert (table["ymax"] <= 480).all() and (table["xmax"] > table["xmin"]).all()
     assert table["xmax"].max() > SIZE  # mapped back from the working to the original pixels
     records = json.loads((dest / "detections.json").read_text())
     assert len(records) == len(table) and records[0]["file"] == table["file"][0]
+
+
+@needs_bccd
+@pytest.mark.integration
+def test_predict_names_same_stems_apart_and_answers_past_an_unreadable_file(
+    trained_run, tmp_path, capsys
+):
+    """Two inputs named x.jpg in different folders get x.png and x_2.png (each drawing its
+    own image); a broken file gets an error row and exit status 1, the others their boxes."""
+    out, _, _ = trained_run
+    names = _split_names("test")[:2]
+    inputs = []
+    for folder, name in zip(("a", "b"), names, strict=True):
+        (tmp_path / folder).mkdir()
+        inputs.append(tmp_path / folder / "x.jpg")
+        shutil.copy(BCCD / "JPEGImages" / f"{name}.jpg", inputs[-1])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    dest = tmp_path / "pred"
+    argv = ["detect", "predict", str(out), *map(str, [*inputs, broken]), "--out", str(dest)]
+    assert main([*argv, "--min-score", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"{broken}: unreadable image" in err and "1 of 3 inputs could not be read" in err
+    assert sorted(p.name for p in dest.glob("*.png")) == ["x.png", "x_2.png"]
+    for png, name in zip(("x.png", "x_2.png"), names, strict=True):
+        with Image.open(dest / png) as drawn, Image.open(BCCD / "JPEGImages" / f"{name}.jpg") as im:
+            small = np.asarray(im.convert("RGB").resize(drawn.size, Image.Resampling.BILINEAR))
+            # the drawing differs from its own image only where boxes were drawn
+            assert np.mean(np.asarray(drawn.convert("RGB")) == small) > 0.5
+    table = pd.read_csv(dest / "detections.csv")
+    bad = table[table.file == str(broken)]
+    assert len(bad) == 1 and bad["error"].iloc[0].startswith("unreadable image")
+    assert bad[["label", "score", "xmin"]].isna().all(axis=None)
+    good = table[table.file != str(broken)]
+    assert set(good["file"]) == set(map(str, inputs)) and good["error"].isna().all()
+    records = json.loads((dest / "detections.json").read_text())
+    assert records[-1]["file"] == str(broken) and records[-1]["xmin"] is None
+
+
+@needs_bccd
+@pytest.mark.integration
+def test_the_test_box_table_of_a_trained_run_gives_its_metrics_json_map(trained_run, bccd_csv):
+    """The hand-written mAP on the run's own test detections (``engine.detect`` ->
+    ``box_table`` -> ``match_boxes``) is the torchmetrics mAP the run wrote (float32)."""
+    from medxfer.detection.data import decode_rgb
+    from medxfer.detection.engine import detect
+    from medxfer.detection.metrics import box_table, match_boxes, mean_average_precision
+    from medxfer.detection.predict import load_detector
+
+    out, _, _ = trained_run
+    model, spec = load_detector(out)
+    data = load_detection_data(bccd_csv)
+    items = data.splits["test"]
+    images, targets = [], []
+    for item in items:
+        image, scale = decode_rgb(item.path, spec.image_size)
+        images.append(image)
+        boxes = torch.from_numpy(item.boxes * scale).float()
+        targets.append({"boxes": boxes, "labels": data.label_ids(item)})
+    batches = [(images[i : i + 4], targets[i : i + 4]) for i in range(0, len(images), 4)]
+    predictions, truths = detect(model, batches, torch.device("cpu"))
+    table = box_table([a.path for a in items], predictions, truths, data.classes)
+    ours = mean_average_precision(match_boxes(table, data.classes))
+    assert (table.source == "prediction").sum() > 0
+    written = json.loads((out / "metrics.json").read_text())["test"]
+    assert written["map_50"] > 0  # float32 rounding only: relative 1e-6
+    assert ours["map_50"] == pytest.approx(written["map_50"], rel=1e-6, abs=1e-12)
+    assert ours["map"] == pytest.approx(written["map"], rel=1e-6, abs=1e-12)
+    for name, values in written["per_class"].items():
+        for key, value in values.items():
+            assert ours["per_class"][name][key] == pytest.approx(value, rel=1e-6, abs=1e-12)

@@ -4,6 +4,8 @@ scipy on the runs' own per-image predictions, the report, and the presets."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,9 +16,11 @@ from medxfer.errors import MedxferError
 from medxfer.study.compare import read_comparisons
 from medxfer.study.execute import run_study
 from medxfer.study.spec import load_study
+from tests.test_detection import BCCD, bccd_csv  # noqa: F401 - fixture
 from tests.test_segmentation import LUNG, lung_manifest  # noqa: F401 - fixture
 
 needs_lung = pytest.mark.skipif(not LUNG.is_dir(), reason=f"{LUNG} not present")
+needs_bccd = pytest.mark.skipif(not BCCD.is_dir(), reason=f"{BCCD} not present")
 
 
 def _segmentation_study(path, manifest) -> str:
@@ -87,3 +91,38 @@ def test_a_study_refuses_options_of_another_task(tmp_path):
     path.write_text('[base]\ndata = "x"\n[grid]\ntask = ["binary", "detection"]\n')
     with pytest.raises(MedxferError, match="one study trains one kind of run"):
         load_study(str(path))
+
+
+@needs_bccd
+def test_detection_study_recomputes_map_from_the_box_tables(bccd_csv, tmp_path):  # noqa: F811
+    path = tmp_path / "det.toml"
+    path.write_text(
+        f"""
+[base]
+task = "detection"
+data = "{bccd_csv}"
+image_size = 128
+epochs = 1
+bootstrap = 200
+[grid]
+mode = ["transfer", "finetune"]
+seed = [0]
+"""
+    )
+    out = tmp_path / "study"
+    run_study(load_study(str(path)), out, log=lambda _: None)
+    results = pd.read_csv(out / "results.csv").set_index("mode")
+    assert set(results.task) == {"detection"}
+    pairs = read_comparisons(out)
+    primary = pairs[pairs.metric == "map_50"].iloc[0]
+    assert (primary.a, primary.b) == ("transfer", "finetune") and bool(primary.primary)
+    # our mAP from predictions.csv against torchmetrics' in each run's metrics.json
+    for side in ("a", "b"):
+        cell = primary[f"cell_{side}"]
+        test = json.loads((out / "runs" / cell / "metrics.json").read_text())["test"]
+        assert primary[f"value_{side}"] == pytest.approx(test["map_50"], abs=1e-6)
+        assert set(test["ci95"]) == {"map_50", "map"}
+    assert primary["diff"] == pytest.approx(
+        results.map_50["finetune"] - results.map_50["transfer"], abs=1e-6
+    )
+    assert pairs.test.dropna().eq("paired bootstrap").all()

@@ -693,15 +693,16 @@ def _detect_predict(args: argparse.Namespace) -> int:
     from medxfer.detection.predict import predict_boxes
     from medxfer.inference.predict import expand_inputs
 
-    frame = predict_boxes(
-        args.run,
-        expand_inputs(args.inputs),
-        args.out,
-        min_score=args.min_score,
-        device=args.device,
-    )
-    print(f"{len(frame)} boxes in {frame['file'].nunique()} images -> {args.out}")
-    return 0
+    files = expand_inputs(args.inputs)
+    frame = predict_boxes(args.run, files, args.out, min_score=args.min_score, device=args.device)
+    failed = frame[frame.error.notna()]
+    boxes = frame[frame.error.isna()]
+    print(f"{len(boxes)} boxes in {boxes['file'].nunique()} images -> {args.out}")
+    for _, r in failed.iterrows():
+        print(f"medxfer: {r.file}: {r.error}", file=sys.stderr)
+    if len(failed):
+        print(f"medxfer: {len(failed)} of {len(files)} inputs could not be read", file=sys.stderr)
+    return 1 if len(failed) else 0
 
 
 if __name__ == "__main__":

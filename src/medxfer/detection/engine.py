@@ -45,18 +45,21 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(
-    model: nn.Module, loader: Iterable[Batch], device, classes: list[str]
-) -> tuple[dict, tuple[list[dict], list[dict]]]:
-    """mAP@0.5 and mAP@[.5:.95], overall and per class, of ``model`` on ``loader``; and the
-    predictions and targets per image (on the CPU, in the loader's order)."""
+def detect(model: nn.Module, loader: Iterable[Batch], device) -> tuple[list[dict], list[dict]]:
+    """Every image's detections and targets, on the CPU, in the loader's order: what
+    ``DetectionScores`` scores and ``metrics.box_table`` lists."""
     model.eval()
-    scores = DetectionScores(classes)
-    predictions, truths = [], []
+    predictions: list[dict] = []
+    targets: list[dict] = []
     for batch in loader:
-        images, targets = to_device(batch, device)
-        found = model(images)
-        scores.update(found, targets)
-        predictions += [{k: v.cpu() for k, v in p.items()} for p in found]
-        truths += [{k: v.cpu() for k, v in t.items()} for t in targets]
-    return scores.compute(), (predictions, truths)
+        images, truth = to_device(batch, device)
+        predictions += [{k: v.detach().cpu() for k, v in p.items()} for p in model(images)]
+        targets += [{k: v.cpu() for k, v in t.items()} for t in truth]
+    return predictions, targets
+
+
+def evaluate(model: nn.Module, loader: Iterable[Batch], device, classes: list[str]) -> dict:
+    """mAP@0.5 and mAP@[.5:.95], overall and per class, of ``model`` on ``loader``."""
+    scores = DetectionScores(classes)
+    scores.update(*detect(model, loader, device))
+    return scores.compute()

@@ -1,5 +1,6 @@
 """Boxes for new images from a trained detection run: a PNG per image with the boxes drawn,
-and every box in ``detections.csv`` and ``detections.json`` (original-image pixels)."""
+and every box in ``detections.csv`` and ``detections.json`` (original-image pixels). An input
+that cannot be read gets a row with its ``error``; the others are still answered."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from medxfer.detection.data import decode_rgb
 from medxfer.detection.model import DetectorSpec, build_detector
 from medxfer.device import select_device
 from medxfer.errors import MedxferError
+from medxfer.inference.predict import unique_stem
 from medxfer.run.folder import RunFolder
 
-COLUMNS = ["file", "label", "score", "xmin", "ymin", "xmax", "ymax"]
+COLUMNS = ["file", "label", "score", "xmin", "ymin", "xmax", "ymax", "error"]
 COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "white"]
 
 
@@ -42,23 +44,33 @@ def predict_boxes(
     """Detect on ``files``; write ``out/NAME.png`` per image and ``out/detections.{csv,json}``.
 
     Boxes are in the pixels of the original image; ``min_score`` drops weaker detections.
+    Inputs sharing a name get ``NAME.png``, ``NAME_2.png``, ... in the order given. A file
+    that cannot be read gets one row with ``error`` set (and no PNG); the others go on.
     """
     model, spec = load_detector(run)
     dev = select_device(device)
     model.to(dev)
-    rows = []
+    rows: list[list] = []
+    stems: set[str] = set()
     for file in files:
-        image, scale = decode_rgb(file, spec.image_size)
+        try:
+            image, scale = decode_rgb(file, spec.image_size)
+        except MedxferError as exc:
+            rows.append([str(file)] + [None] * 6 + [str(exc).removeprefix(f"{file}: ")])
+            continue
         found = model([image.to(dev).float().div(255)])[0]
         keep = found["scores"] >= min_score
         boxes, scores = found["boxes"][keep].cpu(), found["scores"][keep].cpu()
         names = [spec.classes[i - 1] for i in found["labels"][keep].tolist()]
-        _draw(image, boxes, names, scores, spec=spec, target=out / f"{file.stem}.png")
+        stem = unique_stem(file.stem, stems)
+        stems.add(stem)
+        _draw(image, boxes, names, scores, spec=spec, target=out / f"{stem}.png")
         for name, score, box in zip(names, scores.tolist(), (boxes / scale).tolist(), strict=True):
-            rows.append([str(file), name, round(score, 4), *(round(v, 1) for v in box)])
+            rows.append([str(file), name, round(score, 4), *(round(v, 1) for v in box), None])
     frame = pd.DataFrame(rows, columns=COLUMNS)
     write_with(out / "detections.csv", lambda tmp: frame.to_csv(tmp, index=False))
-    write_text(out / "detections.json", json.dumps(frame.to_dict("records"), indent=1) + "\n")
+    records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    write_text(out / "detections.json", json.dumps(records, indent=1) + "\n")
     return frame
 
 

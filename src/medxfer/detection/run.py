@@ -23,8 +23,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from medxfer.detection.data import DetectionData, box_scales, decode_rgb, load_detection_data
-from medxfer.detection.engine import evaluate, train_one_epoch
-from medxfer.detection.metrics import box_table, detection_intervals, match_boxes
+from medxfer.detection.engine import detect, evaluate, train_one_epoch
+from medxfer.detection.metrics import (
+    DetectionScores,
+    box_table,
+    detection_intervals,
+    match_boxes,
+)
 from medxfer.detection.model import DetectorSpec, anchors_from_boxes, build_detector
 from medxfer.detection.options import DetectionOptions
 from medxfer.device import select_device
@@ -103,7 +108,7 @@ def _train(options: DetectionOptions, recorder: Recorder, log: Callable[[str], N
     for epoch in range(state.epoch + 1, options.epochs + 1):
         started = time.perf_counter()
         losses = train_one_epoch(model, optimizer, train_loader, device)
-        val, _ = evaluate(model, val_loader, device, list(data.classes))
+        val = evaluate(model, val_loader, device, list(data.classes))
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in losses.items()}}
         row |= {"val_map_50": val["map_50"], "val_map": val["map"]}
         row["seconds"] = time.perf_counter() - started
@@ -117,11 +122,13 @@ def _train(options: DetectionOptions, recorder: Recorder, log: Callable[[str], N
     model.load_state_dict(state.best_model)
     test = None
     if data.splits.get("test"):
-        test, boxes = evaluate(model, _loader(tensors["test"], options), device, data.classes)
+        boxes = detect(model, _loader(tensors["test"], options), device)
+        scores = DetectionScores(data.classes)
+        scores.update(*boxes)
         files = [str(item.path) for item in data.splits["test"]]
         table = _test_table(files, boxes, data.classes)
         recorder.folder.write_predictions(table)
-        test = _with_intervals(test, table, data.classes, options)
+        test = _with_intervals(scores.compute(), table, data.classes, options)
     saved = {"spec": spec.to_dict(), "state_dict": model.state_dict()}
     recorder.folder.write_file(RunFolder.MODEL, lambda tmp: torch.save(saved, tmp))
     recorder.finish(_metrics(state, data, test, device))

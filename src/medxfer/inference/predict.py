@@ -43,6 +43,16 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
+def unique_stem(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, ... the first not in ``used``: inputs from
+    different folders may share a name, and their output files must not overwrite each other."""
+    candidate, n = stem, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{stem}_{n}"
+    return candidate
+
+
 Input = str | Path | np.ndarray
 
 

@@ -20,7 +20,7 @@ from medxfer.atomic import write_json, write_with
 from medxfer.data.images import read_gray, resize_square
 from medxfer.device import select_device
 from medxfer.errors import MedxferError
-from medxfer.inference.predict import expand_inputs
+from medxfer.inference.predict import expand_inputs, unique_stem
 from medxfer.segmentation.model import SegmentationModel
 from medxfer.segmentation.options import options_from_dict
 from medxfer.segmentation.run import load_segmentation_run
@@ -66,8 +66,8 @@ def predict_masks(
         except MedxferError as exc:
             rows.append({**row, "error": str(exc).removeprefix(f"{path}: ")})
             continue
-        stem = _unique_stem(path.stem, used)
-        used.add(f"{stem}_mask.png")
+        stem = unique_stem(path.stem, used)
+        used.add(stem)
         rows.append({**row, **_write_mask(wrapper, gray, (size, labels), out_dir / stem)})
     table = pd.DataFrame(rows, columns=["file", "mask", "overlay", "error"])
     write_with(out_dir / MASKS_CSV, lambda tmp: table.to_csv(tmp, index=False))
@@ -149,15 +149,6 @@ def onnx_gap(path: Path, wrapper: nn.Module, gray: torch.Tensor) -> float:
     with torch.inference_mode():
         want = wrapper(gray).numpy()
     return float(np.abs(got - want).max())
-
-
-def _unique_stem(stem: str, used: set[str]) -> str:
-    """``NAME``, or ``NAME_2``, ... when inputs from different folders share a name."""
-    candidate, n = stem, 1
-    while f"{candidate}_mask.png" in used:
-        n += 1
-        candidate = f"{stem}_{n}"
-    return candidate
 
 
 def _overlay(gray: np.ndarray, foreground: np.ndarray) -> np.ndarray:

@@ -260,12 +260,44 @@ def _segmentation_pair(tables: list[pd.DataFrame], resamples: int, seed: int) ->
 
 
 def _detection_pair(folders, tables: list[pd.DataFrame], resamples: int, seed: int) -> list:
-    from medxfer.detection.metrics import paired_detection_rows
+    """Test mAP of both runs recomputed from their box tables, the difference with a paired
+    image bootstrap (COCO's matching on each resample); mAP@0.5 is the primary metric."""
+    from medxfer.detection.metrics import (
+        SUMMARY,
+        align,
+        match_boxes,
+        mean_average_precision,
+        paired_detection,
+    )
 
     classes = [f.read_resolved()["detector"]["classes"] for f in folders]
     if classes[0] != classes[1]:
         raise MedxferError(f"other classes ({classes[0]} and {classes[1]})")
-    return paired_detection_rows(tables, classes[0], resamples=resamples, seed=seed)
+    a, b = (match_boxes(t, classes[0]) for t in tables)
+    if resamples:
+        found = paired_detection(a, b, resamples=resamples, seed=seed)
+    else:  # no bootstrap asked for: the values and their difference only
+        values_b = mean_average_precision(align(a, b))
+        found = {"values_a": mean_average_precision(a), "values_b": values_b}
+    rows = []
+    for metric in SUMMARY:
+        low, high = (found.get("intervals") or {}).get(metric) or (None, None)
+        value_a, value_b = found["values_a"][metric], found["values_b"][metric]
+        rows.append(
+            {
+                "metric": metric,
+                "primary": metric == PRIMARY["detection"],
+                "value_a": value_a,
+                "value_b": value_b,
+                "diff": _minus(value_b, value_a),
+                "ci_low": low,
+                "ci_high": high,
+                "p_value": (found.get("p_values") or {}).get(metric),
+                "test": "paired bootstrap" if resamples else None,
+                "interval": f"{found['method']}, {resamples} resamples" if resamples else None,
+            }
+        )
+    return _adjust(rows)
 
 
 def _align(a: RunFolder, b: RunFolder) -> tuple[str | None, tuple | None]:
