@@ -283,7 +283,7 @@ def test_losses_match_hand_computation():
     assert SegmentationLoss("dice")(logits, target).item() == pytest.approx(dice, rel=1e-5)
     both = SegmentationLoss("ce+dice", ce_weight=0.3, dice_weight=2.0)(logits, target).item()
     assert both == pytest.approx(0.3 * ce + 2.0 * dice, rel=1e-5)
-    with pytest.raises(MedxferError, match="--loss"):
+    with pytest.raises(MedxferError, match="--criterion"):
         SegmentationLoss("focal")
 
 

@@ -63,7 +63,7 @@ def test_presets_and_weight_filter():
 
 def test_bad_study_file(tmp_path):
     (tmp_path / "s.toml").write_text('[base]\ndata = "x"\n[grid]\ncolour = ["red"]\n')
-    with pytest.raises(MedxferError, match="'colour' is not a run option"):
+    with pytest.raises(MedxferError, match="'colour' is not a classification run option"):
         load_study(str(tmp_path / "s.toml"))
 
 

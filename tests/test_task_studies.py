@@ -126,3 +126,14 @@ seed = [0]
         results.map_50["finetune"] - results.map_50["transfer"], abs=1e-6
     )
     assert pairs.test.dropna().eq("paired bootstrap").all()
+
+
+def test_no_run_option_is_named_like_a_metric_column():
+    """results.csv holds every kind of run's options beside every task's metrics: an option
+    named like a metric (segmentation's loss choice was once ``loss``) would split replicates."""
+    from medxfer.evaluation.metrics import HEADLINE, TASKS, scalar_metrics
+    from medxfer.study.table import EXPERIMENT
+
+    metrics = {m for names in HEADLINE.values() for m in names}
+    metrics |= {m for task in TASKS for m in scalar_metrics(task)}
+    assert not metrics & set(EXPERIMENT)

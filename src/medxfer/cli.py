@@ -576,7 +576,7 @@ FAMILY_COMMAND = {"segmentation": "segment", "detection": "detect"}
 
 SEGMENT_HELP = {
     "labels": "mask values, comma-separated; the i-th becomes class i (0,255: binary)",
-    "loss": "ce+dice, ce or dice",
+    "criterion": "training loss: ce+dice, ce or dice",
     "ce_weight": "weight of the per-pixel cross-entropy in ce+dice",
     "dice_weight": "weight of the soft Dice loss in ce+dice",
     "decoder_width": "channels of every U-Net decoder level",

@@ -24,7 +24,7 @@ class SegmentationLoss(nn.Module):
         from monai.losses import DiceCELoss
 
         if kind not in LOSSES:
-            raise MedxferError(f"--loss {kind!r}: unknown (choose from {', '.join(LOSSES)})")
+            raise MedxferError(f"--criterion {kind!r}: unknown (choose from {', '.join(LOSSES)})")
         if ce_weight < 0 or dice_weight < 0:
             raise MedxferError("--ce-weight and --dice-weight must not be negative")
         self.kind = kind

@@ -31,7 +31,7 @@ class SegmentationOptions:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
-    loss: str = "ce+dice"
+    criterion: str = "ce+dice"  # not ``loss``: a study table's ``loss`` is the test loss
     ce_weight: float = 1.0
     dice_weight: float = 1.0
     decoder_width: int = 64
@@ -72,7 +72,7 @@ class SegmentationOptions:
         self.model_spec.validate()
         self.label_values  # noqa: B018 - parses, raising on bad input
         get_augmentation(self.augment)
-        SegmentationLoss(self.loss, ce_weight=self.ce_weight, dice_weight=self.dice_weight)
+        SegmentationLoss(self.criterion, ce_weight=self.ce_weight, dice_weight=self.dice_weight)
         if self.select not in SELECTIONS:
             raise MedxferError(f"--select {self.select!r}: choose from {', '.join(SELECTIONS)}")
         if self.image_size < 32 or self.epochs < 1 or self.batch_size < 1:
@@ -84,5 +84,6 @@ class SegmentationOptions:
 
 
 def options_from_dict(values: dict) -> SegmentationOptions:
+    values = {"criterion" if k == "loss" else k: v for k, v in values.items()}  # first name
     known = {f.name for f in fields(SegmentationOptions)}
     return SegmentationOptions(**{k: v for k, v in values.items() if k in known})

@@ -61,7 +61,7 @@ def _train(options: SegmentationOptions, recorder: Recorder, log: Callable[[str]
         _adapt_batchnorm(model, data, device)
     recorder.start(_resolved(options, data, model, device))
     criterion = SegmentationLoss(
-        options.loss, ce_weight=options.ce_weight, dice_weight=options.dice_weight
+        options.criterion, ce_weight=options.ce_weight, dice_weight=options.dice_weight
     )
     batch = inference_batch_size(options.eval_batch_size, device)
     loaders = {
@@ -162,7 +162,7 @@ def _finish(
 ) -> None:
     """Evaluate the selected weights on val and test and write the run's result files."""
     criterion = SegmentationLoss(
-        options.loss, ce_weight=options.ce_weight, dice_weight=options.dice_weight
+        options.criterion, ce_weight=options.ce_weight, dice_weight=options.dice_weight
     )
     device = next(model.parameters()).device
     results, tables = {}, []
