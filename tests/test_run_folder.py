@@ -99,3 +99,15 @@ def test_first_version_predictions_read_as_test_rows(tmp_path):
     rows = RunFolder(tmp_path).read_predictions("test")
     assert list(rows.split) == ["test"] and rows.probability.tolist() == [0.2]
     assert RunFolder(tmp_path).read_predictions("val").empty
+
+
+def test_outputs_get_the_mode_of_a_plainly_created_file(tmp_path):
+    """Atomic writes go through mkstemp (mode 0o600); the result must be what open() gives."""
+    import os
+
+    from medxfer.atomic import write_text
+
+    (tmp_path / "plain.txt").write_text("x")
+    write_text(tmp_path / "atomic.txt", "x")
+    plain, atomic = (os.stat(tmp_path / n).st_mode & 0o777 for n in ("plain.txt", "atomic.txt"))
+    assert atomic == plain

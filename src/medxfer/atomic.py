@@ -11,6 +11,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _file_mode() -> int:
+    """What ``open`` would give a new file: 0o666 less the umask (mkstemp makes 0o600, which
+    would leave every output unreadable to the user's group)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it replaces ``target`` atomically."""
@@ -21,6 +32,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
