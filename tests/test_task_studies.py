@@ -137,3 +137,18 @@ def test_no_run_option_is_named_like_a_metric_column():
     metrics = {m for names in HEADLINE.values() for m in names}
     metrics |= {m for task in TASKS for m in scalar_metrics(task)}
     assert not metrics & set(EXPERIMENT)
+
+
+@needs_lung
+def test_python_api_trains_a_segmentation_run(lung_manifest, tmp_path):  # noqa: F811
+    import medxfer
+
+    out = tmp_path / "run"
+    folder = medxfer.train(
+        lung_manifest, out, task="segmentation", image_size=32, epochs=1, bootstrap=0, quiet=True
+    )
+    assert folder.is_complete() and folder.family() == "segmentation"
+    assert folder.read_metrics()["task"] == "segmentation"
+    assert folder.read_options()["criterion"] == "ce+dice"
+    with pytest.raises(MedxferError, match="holds a run with other settings \\(epochs\\)"):
+        medxfer.train(lung_manifest, out, task="segmentation", image_size=32, epochs=2, bootstrap=0)

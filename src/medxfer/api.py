@@ -31,9 +31,18 @@ def train(
     **options: Any,
 ) -> RunFolder:
     """Train (or resume, or find finished) one run; ``options`` are ``medxfer train``'s options
-    with underscores (``arch``, ``mode``, ``epochs``, ``image_size``, ``track``, ...)."""
+    with underscores (``arch``, ``mode``, ``epochs``, ``image_size``, ``track``, ...);
+    ``task="segmentation"`` or ``"detection"`` takes ``medxfer segment|detect train``'s."""
     from medxfer.config import RunConfig
+    from medxfer.run.families import family_of
     from medxfer.run.pipeline import train as run_pipeline
+
+    if family_of(options) != "classification":
+        if handlers:
+            from medxfer.errors import MedxferError
+
+            raise MedxferError("handlers: only classification runs report to handlers")
+        return _train_task(data, out, quiet=quiet, overwrite=overwrite, **options)
 
     cfg = RunConfig(data=str(data), out=str(out), **options)
     return run_pipeline(
@@ -43,6 +52,19 @@ def train(
         log=(lambda _msg: None) if quiet else print,
         handlers=handlers,
     )
+
+
+def _train_task(data, out, *, quiet: bool, overwrite: bool, **options: Any) -> RunFolder:
+    """A segmentation or detection run (``medxfer.run.families``)."""
+    import shutil
+
+    from medxfer.run.families import train_run
+    from medxfer.run.folder import RunFolder
+
+    if overwrite and Path(out).exists():
+        shutil.rmtree(out)
+    options = {**options, "data": str(data), "out": str(out)}
+    return RunFolder(train_run(options, log=(lambda _msg: None) if quiet else print))
 
 
 def load(run: str | Path) -> TrainedModel:
