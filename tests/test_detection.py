@@ -302,6 +302,21 @@ def test_frozen_mobilenet_detector_trains_resumes_and_writes_the_run(trained_run
 
 @needs_bccd
 @pytest.mark.integration
+def test_a_resumed_run_is_the_uninterrupted_run(trained_run, bccd_csv, tmp_path):
+    """Order, flips and the detector's box sampling are drawn from the seed and the epoch
+    alone, so the run interrupted in epoch 2 and resumed equals one that never stopped."""
+    out, _, _ = trained_run
+    options = DetectionOptions(
+        data=str(bccd_csv), out=str(tmp_path / "run"), image_size=SIZE, epochs=2, device="cpu"
+    )
+    train_detection(options, log=lambda _: None)
+    resumed = pd.read_csv(out / "history.csv").drop(columns="seconds")
+    straight = pd.read_csv(tmp_path / "run" / "history.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(resumed, straight, rtol=1e-5)
+
+
+@needs_bccd
+@pytest.mark.integration
 def test_transfer_keeps_the_imagenet_file_tensors_exactly(trained_run):
     """Frozen backbone: every tensor of the weight file, BatchNorm statistics included."""
     out, _, _ = trained_run

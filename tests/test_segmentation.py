@@ -92,7 +92,8 @@ def test_transfer_run_beats_trivial_predictors(trained_run, lung_manifest):
     for column in ("train_loss", "val_dice", "val_iou", "val_pixel_accuracy", "test_dice"):
         assert history[column].notna().all()
     every = pd.read_csv(trained_run / "predictions.csv")
-    assert list(every.columns[:5]) == ["split", "file", "dice", "iou", "pixel_accuracy"]
+    assert list(every.columns[:6]) == ["split", "file", "patient", "dice", "iou", "pixel_accuracy"]
+    assert every.patient.str.startswith("file:").all()  # no patient column: one per image
     assert every.split.value_counts().to_dict() == {"val": 8, "test": 8}
     rows = every[every.split == "test"]
     assert "hd95" in rows.columns and len(rows) == 8

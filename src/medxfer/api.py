@@ -56,15 +56,12 @@ def train(
 
 def _train_task(data, out, *, quiet: bool, overwrite: bool, **options: Any) -> RunFolder:
     """A segmentation or detection run (``medxfer.run.families``)."""
-    import shutil
-
     from medxfer.run.families import train_run
     from medxfer.run.folder import RunFolder
 
-    if overwrite and Path(out).exists():
-        shutil.rmtree(out)
     options = {**options, "data": str(data), "out": str(out)}
-    return RunFolder(train_run(options, log=(lambda _msg: None) if quiet else print))
+    log = (lambda _msg: None) if quiet else print
+    return RunFolder(train_run(options, log=log, overwrite=overwrite))
 
 
 def load(run: str | Path) -> TrainedModel:

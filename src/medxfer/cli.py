@@ -196,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     study = p.add_subparsers(dest="study_command", required=True)
     for name in ("run", "show"):
         q = study.add_parser(name, help="run every cell" if name == "run" else "list the cells")
-        q.add_argument("study", help="a study TOML file or preset: paper, paper-offline, quick")
+        q.add_argument(
+            "study",
+            help="a study TOML file or preset: paper, paper-offline, quick, segmentation, "
+            "detection",
+        )
         q.add_argument(
             "--set",
             action="append",
@@ -597,15 +601,20 @@ DETECT_HELP = {
 
 
 def _task_family_alias(argv: list[str]) -> list[str]:
-    """``train --task segmentation ...`` -> ``segment train ...`` (and detection likewise)."""
+    """``train --task segmentation ...`` -> ``segment train ...`` (and detection likewise);
+    global options before the command (``--allocator X``) stay where they are."""
+    start = 0
+    while start < len(argv) and argv[start].startswith("-"):
+        start += 1 if "=" in argv[start] or argv[start] in ("-h", "--help") else 2
+    head, argv = argv[:start], argv[start:]
     if not argv or argv[0] != "train":
-        return argv
+        return head + argv
     for i, arg in enumerate(argv):
         value = argv[i + 1] if arg == "--task" and i + 1 < len(argv) else arg.partition("=")[2]
         if (arg == "--task" or arg.startswith("--task=")) and value in FAMILY_COMMAND:
             rest = argv[1:i] + argv[i + (2 if arg == "--task" else 1) :]
-            return [FAMILY_COMMAND[value], "train", *rest]
-    return argv
+            return [*head, FAMILY_COMMAND[value], "train", *rest]
+    return head + argv
 
 
 def _add_family_parser(sub, command: str, options: type, helps: dict[str, str]) -> None:
@@ -652,15 +661,12 @@ def _add_detect_parser(sub) -> None:
 
 
 def _family_train(args: argparse.Namespace) -> int:
-    import shutil
-
     from medxfer.run.families import train_run
 
     options = {f.name: getattr(args, f.name) for f in fields(args.options_class)}
     options["task"] = args.family
-    if args.overwrite and Path(args.out).exists():
-        shutil.rmtree(args.out)
-    run = train_run(options, log=(lambda _m: None) if args.quiet else print)
+    log = (lambda _m: None) if args.quiet else print
+    run = train_run(options, log=log, overwrite=args.overwrite)
     test = json.loads((run / "metrics.json").read_text()).get("test") or {}
     shown = " ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
     print(f"{run}: test {shown}")

@@ -4,7 +4,7 @@ Two layouts are read:
 
 1. **VOC**: ``Annotations/*.xml``, ``JPEGImages/`` and ``ImageSets/Main/{train,val,test}.txt``
    (the folder itself or its one sub-folder holding them, as in ``bccd/BCCD``).
-2. **CSV**: ``path,split,label,xmin,ymin,xmax,ymax[,patient]``, one row per box, paths relative
+2. **CSV**: ``path,split,label,xmin,ymin,xmax,ymax``, one row per box, paths relative
    to the CSV's folder.
 
 Coordinates are pixel edges in the original image. A box reaching outside its image is clipped
@@ -208,6 +208,14 @@ def _read_csv(path: Path) -> dict[str, list[RawItem]]:
         or coords.isna().to_numpy().any()
     ):
         raise MedxferError(f"{path}: xmin/ymin/xmax/ymax must all be numbers")
+    blank = frame["label"].isna() | (frame["label"].astype(str).str.strip() == "")
+    if blank.any():
+        row = int(np.flatnonzero(blank.to_numpy())[0]) + 2  # 1-based, after the header
+        raise MedxferError(f"{path}: line {row}: box with no label")
+    splits_of = frame.groupby("path")["split"].nunique()
+    if (splits_of > 1).any():
+        image = splits_of[splits_of > 1].index[0]
+        raise MedxferError(f"{path}: {image} is listed in more than one split")
     raw: dict[str, list[RawItem]] = {}
     for (split, image), rows in frame.groupby(["split", "path"], sort=False):
         boxes = rows[["xmin", "ymin", "xmax", "ymax"]].to_numpy(np.float64)

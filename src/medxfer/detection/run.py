@@ -34,7 +34,7 @@ from medxfer.detection.model import DetectorSpec, anchors_from_boxes, build_dete
 from medxfer.detection.options import DetectionOptions
 from medxfer.device import select_device
 from medxfer.run.folder import RunFolder
-from medxfer.run.recorder import EpochState, Recorder
+from medxfer.run.recorder import EpochState, Recorder, train_in_folder
 
 TASK = "detection"
 
@@ -66,19 +66,14 @@ class BoxDataset(Dataset):
         return image.as_subclass(torch.Tensor), {**target, "boxes": boxes.as_subclass(torch.Tensor)}
 
 
-def train_detection(options: DetectionOptions, *, log: Callable[[str], None] = print) -> Path:
+def train_detection(
+    options: DetectionOptions, *, log: Callable[[str], None] = print, overwrite: bool = False
+) -> Path:
     """Train (resume, or skip if finished) the detection run of ``options``; return its folder.
 
     Bad input stops the run before anything is written.
     """
-    options.validate()
-    recorder = Recorder(options.out, TASK, asdict(options))
-    if recorder.finished():
-        log(f"{options.out}: run already complete")
-        return Path(options.out)
-    with recorder.locked():
-        _train(options, recorder, log)
-    return Path(options.out)
+    return train_in_folder(options, TASK, _train, log=log, overwrite=overwrite)
 
 
 def _train(options: DetectionOptions, recorder: Recorder, log: Callable[[str], None]) -> None:
@@ -102,11 +97,14 @@ def _train(options: DetectionOptions, recorder: Recorder, log: Callable[[str], N
     optimizer = _optimizer(options, [p for p in model.parameters() if p.requires_grad])
     state = recorder.resume(model, optimizer, log)
     recorder.start(_resolved(spec, data, device))
-    generator = torch.Generator().manual_seed(options.seed + state.epoch)
-    train_loader = _loader(tensors["train"], options, shuffle=True, generator=generator)
     val_loader = _loader(tensors["val"], options)
     for epoch in range(state.epoch + 1, options.epochs + 1):
         started = time.perf_counter()
+        # every random draw of the epoch (order, flips, the detector's box sampling) from the
+        # seed and the epoch alone, so that a resumed run is the uninterrupted one
+        torch.manual_seed(options.seed * 1000 + epoch)
+        generator = torch.Generator().manual_seed(options.seed * 1000 + epoch)
+        train_loader = _loader(tensors["train"], options, shuffle=True, generator=generator)
         losses = train_one_epoch(model, optimizer, train_loader, device)
         val = evaluate(model, val_loader, device, list(data.classes))
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in losses.items()}}
@@ -131,7 +129,7 @@ def _train(options: DetectionOptions, recorder: Recorder, log: Callable[[str], N
         test = _with_intervals(scores.compute(), table, data.classes, options)
     saved = {"spec": spec.to_dict(), "state_dict": model.state_dict()}
     recorder.folder.write_file(RunFolder.MODEL, lambda tmp: torch.save(saved, tmp))
-    recorder.finish(_metrics(state, data, test, device))
+    recorder.finish(state, _metrics(state, data, test, device))
 
 
 def _decode(data: DetectionData, split: str, size: int):
@@ -173,7 +171,6 @@ def _metrics(state: EpochState, data: DetectionData, test: dict | None, device) 
         "test": test,
         "boxes": {s: asdict(c) for s, c in data.counts.items()},
         "images": {s: len(items) for s, items in data.splits.items()},
-        "seconds": {"total": state.seconds},
         "device": str(device),
     }
 
@@ -200,5 +197,5 @@ def _with_intervals(test: dict, table, classes: list[str], options: DetectionOpt
         return test
     matches = match_boxes(table, classes)
     found = detection_intervals(matches, resamples=options.bootstrap, seed=options.seed)
-    method = {k: found[k] for k in ("method", "clusters", "resamples")}
+    method = {k: found[k] for k in ("method", "clusters", "resamples", "level")}
     return {**test, "ci95": found["intervals"], "interval_method": method}

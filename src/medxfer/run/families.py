@@ -51,22 +51,40 @@ def build_options(options: dict[str, Any]):
     return built
 
 
-def train_run(options: dict[str, Any], *, log: Callable[[str], None] = print) -> Path:
-    """Train (resume, or find finished) the run of ``options``; return its folder."""
+def train_run(
+    options: dict[str, Any], *, log: Callable[[str], None] = print, overwrite: bool = False
+) -> Path:
+    """Train (resume, or find finished) the run of ``options``; return its folder.
+    ``overwrite`` replaces the folder's run once the new one's options and data are good."""
     family = family_of(options)
     built = build_options(options)
     if family == "segmentation":
         from medxfer.segmentation.run import train_segmentation
 
-        return train_segmentation(built, log=log)
+        return train_segmentation(built, log=log, overwrite=overwrite)
     if family == "detection":
         from medxfer.detection.run import train_detection
 
-        return train_detection(built, log=log)
+        return train_detection(built, log=log, overwrite=overwrite)
     from medxfer.run.pipeline import train
 
-    train(built, progress=False, log=log)
+    train(built, progress=False, log=log, overwrite=overwrite)
     return Path(built.out)
+
+
+def refuse_other_family(run: str | Path) -> None:
+    """Classification's commands on a segmentation or detection run: say which commands it
+    takes instead of failing on its model file."""
+    from medxfer.errors import MedxferError
+    from medxfer.run.folder import RunFolder
+
+    folder = RunFolder(run)
+    if not folder.file(RunFolder.CONFIG).is_file():
+        return
+    family = folder.family()
+    if family != "classification":
+        use = {"segmentation": "segment predict|export", "detection": "detect predict"}[family]
+        raise MedxferError(f"{run}: a {family} run; use `medxfer {use}`")
 
 
 def _without_task(options: dict[str, Any]) -> dict[str, Any]:

@@ -169,7 +169,8 @@ class RunFolder:
     def check_options(self, options: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
         """``check_same`` for runs whose options are a plain dict (segmentation, detection)."""
         before = self.read_options()
-        diff = [k for k in options if k not in ignore and before.get(k) != options[k]]
+        keys = dict.fromkeys([*options, *before])
+        diff = [k for k in keys if k not in ignore and before.get(k) != options.get(k)]
         if diff:
             raise MedxferError(
                 f"{self.path}: holds a run with other settings ({', '.join(diff)}); "

@@ -18,6 +18,7 @@ from medxfer.device import inference_batch_size, to_input
 from medxfer.engine import Engine, make_engine, own_engine, resolve_engine
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
+from medxfer.run.families import refuse_other_family
 from medxfer.run.folder import RunFolder
 from medxfer.tasks import Task, make_task
 
@@ -67,6 +68,7 @@ class TrainedModel:
         """From a run folder or a ``model.pt``; the network in eval mode on the CPU."""
         path = Path(source)
         if path.is_dir():
+            refuse_other_family(path)
             path = path / RunFolder.MODEL
         if not path.exists():
             raise MedxferError(

@@ -22,7 +22,7 @@ from medxfer.data.augment import get_augmentation
 from medxfer.device import amp_dtype, inference_batch_size, select_device, to_input
 from medxfer.errors import MedxferError
 from medxfer.run.folder import RunFolder
-from medxfer.run.recorder import EpochState, Recorder
+from medxfer.run.recorder import EpochState, Recorder, train_in_folder
 from medxfer.segmentation.data import SegmentationData, load_segmentation
 from medxfer.segmentation.engine import Loader, encode_all, evaluate, train_one_epoch
 from medxfer.segmentation.losses import SegmentationLoss
@@ -34,16 +34,11 @@ TASK = "segmentation"
 BN_ADAPT_IMAGES = 2048  # training images whose statistics ``--bn adapt`` uses (as precise BN)
 
 
-def train_segmentation(options: SegmentationOptions, *, log: Callable[[str], None] = print) -> Path:
+def train_segmentation(
+    options: SegmentationOptions, *, log: Callable[[str], None] = print, overwrite: bool = False
+) -> Path:
     """Train (or resume, or find finished) the run; return its folder."""
-    options.validate()
-    recorder = Recorder(options.out, TASK, asdict(options))
-    if recorder.finished():
-        log(f"{options.out}: run already complete")
-        return Path(options.out)
-    with recorder.locked():
-        _train(options, recorder, log)
-    return Path(options.out)
+    return train_in_folder(options, TASK, _train, log=log, overwrite=overwrite)
 
 
 def _train(options: SegmentationOptions, recorder: Recorder, log: Callable[[str], None]) -> None:
@@ -68,10 +63,11 @@ def _train(options: SegmentationOptions, recorder: Recorder, log: Callable[[str]
         s: Loader(data.images, data.masks, idx, batch if s != "train" else options.batch_size)
         for s, idx in data.splits.items()
     }
-    cache: dict = {"seconds": 0.0, "bytes": 0, "encoded": {}}
+    cache: dict = {"seconds": 0.0, "bytes": 0, "encoded": {}, "criterion": criterion}
     if options.caches_features:
         t0 = time.perf_counter()
-        cache["encoded"] = {s: encode_all(model, loaders[s], device, amp) for s in loaders}
+        # in float32, as every evaluation (classification's rule): metrics do not depend on amp
+        cache["encoded"] = {s: encode_all(model, loaders[s], device) for s in loaders}
         cache["encoded"].pop("train")  # training images are augmented afresh every epoch
         cache["seconds"] = time.perf_counter() - t0
         cache["bytes"] = sum(f.nbytes for feats in cache["encoded"].values() for f in feats)
@@ -98,7 +94,6 @@ def _train(options: SegmentationOptions, recorder: Recorder, log: Callable[[str]
                     loaders[split],
                     device=device,
                     encoded=cache["encoded"].get(split),
-                    amp=amp,
                 )
                 rows = per_image(pred, data.masks[data.splits[split]], data.num_classes, hd95=False)
                 row[f"{split}_loss"] = loss
@@ -213,10 +208,9 @@ def _finish(
             "bytes": cache["bytes"],
             "seconds": cache["seconds"],
         },
-        "seconds": {"epochs": state.seconds, "total": state.seconds + cache["seconds"]},
         "device": str(device),
     }
-    recorder.finish(metrics)
+    recorder.finish(state, metrics)
 
 
 def _patients(data: SegmentationData, rows: list[int], *, known_only: bool = False):

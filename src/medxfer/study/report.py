@@ -93,15 +93,15 @@ def _preamble(study_dir: Path, frame: pd.DataFrame, settings: list[str]) -> list
         "difference follow in parentheses; accuracy, precision and recall in %.",
         "",
         "Under each table, the paired comparisons of its runs on the same test images "
-        "(difference B − A as a fraction, 0.010 = one percentage point): a 95% bootstrap "
-        "interval that resamples whole patients, and a p-value (DeLong for binary ROC AUC, exact "
-        "McNemar for accuracy, paired bootstrap otherwise). ROC AUC (macro ROC AUC beyond "
-        "binary) is the primary metric; `p (Holm)` corrects the others for their number. "
-        "Segmentation pairs images: the mean of per-image differences, Dice primary "
-        "(Wilcoxon signed-rank test); detection resamples images and recomputes COCO mAP, "
-        "mAP@0.5 primary. With "
-        "several seeds/folds the pooled row is shown (mean difference, t-interval over "
-        "replicates); `comparisons.csv` has every seed/fold.",
+        "(difference B − A as a fraction, 0.010 = one percentage point; HD95 in pixels): a "
+        "95% bootstrap interval that resamples whole patients where the data name them and "
+        "images otherwise, and a p-value (DeLong for binary ROC AUC, exact McNemar for "
+        "accuracy, paired bootstrap otherwise). ROC AUC (macro ROC AUC beyond binary) is the "
+        "primary metric; `p (Holm)` corrects the others for their number. Segmentation pairs "
+        "images: the mean of per-image differences, Dice primary (Wilcoxon signed-rank test); "
+        "detection resamples images and recomputes COCO mAP, mAP@0.5 primary. With several "
+        "seeds/folds the pooled row is shown (mean difference, t-interval over replicates); "
+        "`comparisons.csv` has every seed/fold.",
         "",
     ]
     if settings:

@@ -1,0 +1,101 @@
+"""The run-folder rules that segmentation and detection share with classification
+(``medxfer.run.recorder``): --overwrite only once the new run's options and data are good and
+the folder's lock is held, the one command shape, and classification's verbs on their runs."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from medxfer.cli import _task_family_alias, main
+from medxfer.detection.data import load_detection_data
+from medxfer.errors import MedxferError
+from medxfer.locking import run_folder_lock
+from medxfer.run.folder import RunFolder
+from tests.test_detection import bccd_csv, needs_bccd  # noqa: F401 - fixture
+from tests.test_segmentation import LUNG, lung_manifest, trained_run  # noqa: F401 - fixtures
+
+needs_lung = pytest.mark.skipif(not LUNG.is_dir(), reason=f"{LUNG} not present")
+
+
+@pytest.fixture()
+def finished_copy(trained_run, tmp_path):  # noqa: F811
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    return copy
+
+
+def _argv(manifest, out, *extra):
+    return ["segment", "train", "--data", str(manifest), "--out", str(out), "--quiet", *extra]
+
+
+@needs_lung
+def test_overwrite_with_a_bad_option_or_bad_data_keeps_the_finished_run(
+    finished_copy,
+    lung_manifest,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    before = (finished_copy / "metrics.json").read_text()
+    assert main(_argv(lung_manifest, finished_copy, "--select", "bogus", "--overwrite")) == 2
+    assert main(_argv(tmp_path / "missing.csv", finished_copy, "--overwrite")) == 2
+    assert "missing.csv: not found" in capsys.readouterr().err
+    assert (finished_copy / "metrics.json").read_text() == before
+
+
+@needs_lung
+def test_overwrite_waits_for_the_lock(finished_copy, lung_manifest, capsys):  # noqa: F811
+    with run_folder_lock(finished_copy):  # another process training into it
+        code = main(_argv(lung_manifest, finished_copy, "--image-size", "32", "--overwrite"))
+    assert code == 2 and "another medxfer process" in capsys.readouterr().err
+    assert RunFolder(finished_copy).is_complete()
+
+
+def test_train_task_alias_keeps_global_options_in_front():
+    argv = ["--allocator", "default", "train", "--task", "segmentation", "--data", "d"]
+    assert _task_family_alias(argv) == [
+        "--allocator",
+        "default",
+        "segment",
+        "train",
+        "--data",
+        "d",
+    ]
+    assert _task_family_alias(["train", "--data", "d", "--task=detection"]) == [
+        "detect",
+        "train",
+        "--data",
+        "d",
+    ]
+    assert _task_family_alias(["train", "--task", "binary"]) == ["train", "--task", "binary"]
+
+
+@needs_lung
+def test_classification_verbs_name_the_command_a_segmentation_run_takes(
+    trained_run,  # noqa: F811
+    capsys,
+):
+    image = LUNG / "images" / "CHNCXR_0001_0.png"
+    assert main(["predict", str(trained_run), str(image)]) == 2
+    assert "a segmentation run; use `medxfer segment predict|export`" in capsys.readouterr().err
+
+
+@needs_bccd
+def test_detection_csv_refuses_blank_labels_and_images_in_two_splits(
+    bccd_csv,  # noqa: F811
+    tmp_path,
+):
+    frame = pd.read_csv(bccd_csv)
+    blank = frame.copy()
+    blank.loc[3, "label"] = None
+    blank.to_csv(tmp_path / "blank.csv", index=False)
+    with pytest.raises(MedxferError, match=r"blank\.csv: line 5: box with no label"):
+        load_detection_data(tmp_path / "blank.csv")
+    mixed = frame.copy()
+    first = mixed.path[mixed.split == "train"].iloc[0]
+    mixed.loc[len(mixed)] = {**mixed.iloc[0].to_dict(), "path": first, "split": "test"}
+    mixed.to_csv(tmp_path / "mixed.csv", index=False)
+    with pytest.raises(MedxferError, match="is listed in more than one split"):
+        load_detection_data(tmp_path / "mixed.csv")
