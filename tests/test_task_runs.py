@@ -99,3 +99,31 @@ def test_detection_csv_refuses_blank_labels_and_images_in_two_splits(
     mixed.to_csv(tmp_path / "mixed.csv", index=False)
     with pytest.raises(MedxferError, match="is listed in more than one split"):
         load_detection_data(tmp_path / "mixed.csv")
+
+
+@needs_lung
+def test_segmentation_bn_adapt_takes_the_training_images_statistics(
+    lung_manifest,  # noqa: F811
+    tmp_path,
+):
+    """The first frozen BatchNorm's running mean and variance become those of its input over
+    every pixel of the clean training images (computed here in float64 with the frozen conv)."""
+    import torch
+
+    from medxfer.device import to_input
+    from medxfer.segmentation.data import load_segmentation
+    from medxfer.segmentation.run import load_segmentation_run
+
+    out = tmp_path / "adapt"
+    argv = _argv(lung_manifest, out, "--image-size", "32", "--epochs", "1", "--bn", "adapt")
+    assert main([*argv, "--bootstrap", "0"]) == 0
+    model, _ = load_segmentation_run(out)
+    modules = dict(model.encoder.named_modules())
+    conv, norm = modules["features.0.0"], modules["features.0.1"]
+    data = load_segmentation(lung_manifest, 32)
+    with torch.no_grad():
+        x = conv(model.prep(to_input(data.images[data.splits["train"]], "cpu"))).double()
+    mean = x.mean(dim=(0, 2, 3))
+    variance = x.var(dim=(0, 2, 3), unbiased=True)
+    torch.testing.assert_close(norm.running_mean.double(), mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norm.running_var.double(), variance, rtol=1e-3, atol=1e-5)

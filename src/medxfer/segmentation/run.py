@@ -52,7 +52,7 @@ def _train(options: SegmentationOptions, recorder: Recorder, log: Callable[[str]
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=options.lr, weight_decay=options.weight_decay)
     state = recorder.resume(model, optimizer, log)
-    if options.bn == "adapt":
+    if options.bn == "adapt" and state.epoch == 0:  # a resumed model has them in its weights
         _adapt_batchnorm(model, data, device)
     recorder.start(_resolved(options, data, model, device))
     criterion = SegmentationLoss(
