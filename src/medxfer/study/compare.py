@@ -234,6 +234,8 @@ def _task_pair_rows(folders: tuple, runs: tuple, common: dict) -> list[dict]:
     predictions (``medxfer.segmentation.metrics``, ``medxfer.detection.metrics``)."""
     task = runs[0].task
     resamples = int(min(runs[0].bootstrap, runs[1].bootstrap))
+    if not all(f.file(RunFolder.PREDICTIONS).exists() for f in folders):
+        return [{**common, "task": task, "note": "a run has no test predictions; not paired"}]
     tables = [f.read_predictions("test") for f in folders]
     try:
         if task == "segmentation":
