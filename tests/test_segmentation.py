@@ -66,6 +66,7 @@ def trained_run(lung_manifest, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("segrun") / "run"
     argv = ["segment", "train", "--data", str(lung_manifest), "--out", str(out)]
     argv += ["--image-size", str(SIZE), "--epochs", "2", "--batch-size", "8", "--bootstrap", "200"]
+    argv += ["--feature-cache"]
     assert main([*argv, "--quiet"]) == 0
     return out
 

@@ -37,7 +37,7 @@ class SegmentationOptions:
     decoder_width: int = 64
     augment: str = "paper"
     select: str = "val_dice"
-    feature_cache: bool = True
+    feature_cache: bool = False  # measured: no gain at 128 px (benchmarks/)
     bootstrap: int = 1000
     seed: int = 0
     device: str = "auto"
