@@ -16,5 +16,5 @@ trap 'rm -rf "$tmp"' EXIT
     --out "$tmp/det"
 mkdir -p docs/images
 cp "$tmp/seg/MCUCXR_0006_0_overlay.png" docs/images/lung-mask-overlay.png
-cp "$tmp/det/BloodImage_00007.png" docs/images/bccd-boxes.png
+cp "$tmp/det/BloodImage_00007_boxes.png" docs/images/bccd-boxes.png
 echo "wrote docs/images/lung-mask-overlay.png and docs/images/bccd-boxes.png"

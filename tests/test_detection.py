@@ -347,11 +347,12 @@ def test_predict_writes_drawn_images_and_boxes_in_original_pixels(trained_run, t
     ]
     assert main(argv) == 0
     for image in images:
-        with Image.open(dest / f"{image.stem}.png") as png:
-            assert png.size == (SIZE, SIZE * 3 // 4) and png.mode == "RGB"
+        with Image.open(dest / f"{image.stem}_boxes.png") as png:
+            assert png.size == (640, 480) and png.mode == "RGB"  # drawn at the image's size
     table = pd.read_csv(dest / "detections.csv")
-    columns = ["file", "label", "score", "xmin", "ymin", "xmax", "ymax", "error"]
+    columns = ["file", "picture", "label", "score", "xmin", "ymin", "xmax", "ymax", "error"]
     assert list(table.columns) == columns and table["error"].isna().all()
+    assert set(table.picture) == {f"{image.stem}_boxes.png" for image in images}
     assert len(table) > 0 and set(table["label"]) <= {"Platelets", "RBC", "WBC"}
     assert (table["xmin"] >= 0).all() and (table["xmax"] <= 640).all()
     assert (table["ymax"] <= 480).all() and (table["xmax"] > table["xmin"]).all()
@@ -365,8 +366,9 @@ def test_predict_writes_drawn_images_and_boxes_in_original_pixels(trained_run, t
 def test_predict_names_same_stems_apart_and_answers_past_an_unreadable_file(
     trained_run, tmp_path, capsys
 ):
-    """Two inputs named x.jpg in different folders get x.png and x_2.png (each drawing its
-    own image); a broken file gets an error row and exit status 1, the others their boxes."""
+    """Two inputs named x.jpg in different folders get x_boxes.png and x_2_boxes.png (each
+    drawing its own image); a broken file gets an error row and exit status 1, the others
+    their boxes; an output folder among the inputs is refused before anything is written."""
     out, _, _ = trained_run
     names = _split_names("test")[:2]
     inputs = []
@@ -379,14 +381,18 @@ def test_predict_names_same_stems_apart_and_answers_past_an_unreadable_file(
     dest = tmp_path / "pred"
     argv = ["detect", "predict", str(out), *map(str, [*inputs, broken]), "--out", str(dest)]
     assert main([*argv, "--min-score", "0"]) == 1
-    err = capsys.readouterr().err
-    assert f"{broken}: unreadable image" in err and "1 of 3 inputs could not be read" in err
-    assert sorted(p.name for p in dest.glob("*.png")) == ["x.png", "x_2.png"]
-    for png, name in zip(("x.png", "x_2.png"), names, strict=True):
+    captured = capsys.readouterr()
+    assert f"{broken}: unreadable image" in captured.err and "1 failed" in captured.out
+    pictures = ["x_2_boxes.png", "x_boxes.png"]
+    assert sorted(p.name for p in dest.glob("*.png")) == pictures
+    for png, name in zip(sorted(pictures, reverse=True), names, strict=True):
         with Image.open(dest / png) as drawn, Image.open(BCCD / "JPEGImages" / f"{name}.jpg") as im:
-            small = np.asarray(im.convert("RGB").resize(drawn.size, Image.Resampling.BILINEAR))
             # the drawing differs from its own image only where boxes were drawn
-            assert np.mean(np.asarray(drawn.convert("RGB")) == small) > 0.5
+            own = np.abs(np.asarray(drawn.convert("RGB"), float) - np.asarray(im.convert("RGB")))
+            assert np.mean(own.max(axis=2) == 0) > 0.5
+    among = ["detect", "predict", str(out), str(tmp_path / "a"), "--out", str(tmp_path / "a")]
+    assert main(among) == 2
+    assert "among the inputs" in capsys.readouterr().err
     table = pd.read_csv(dest / "detections.csv")
     bad = table[table.file == str(broken)]
     assert len(bad) == 1 and bad["error"].iloc[0].startswith("unreadable image")

@@ -127,3 +127,32 @@ def test_segmentation_bn_adapt_takes_the_training_images_statistics(
     variance = x.var(dim=(0, 2, 3), unbiased=True)
     torch.testing.assert_close(norm.running_mean.double(), mean, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(norm.running_var.double(), variance, rtol=1e-3, atol=1e-5)
+
+
+def test_bootstrap_p_value_is_never_below_what_its_resamples_can_show():
+    import numpy as np
+
+    from medxfer.evaluation.paired import paired_bootstrap
+
+    values = np.linspace(1.0, 2.0, 30)  # every resample's mean difference is positive
+
+    def score(rows):
+        return {"d": float(values[rows].mean())}
+
+    result = paired_bootstrap(score, 30, resamples=100, seed=0)
+    assert result["p_values"]["d"] == pytest.approx(2 / 101)
+
+
+@needs_lung
+def test_segment_predict_refuses_an_output_folder_among_its_inputs(
+    trained_run,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    images = tmp_path / "scans"
+    images.mkdir()
+    shutil.copy(LUNG / "images" / "CHNCXR_0001_0.png", images / "a.png")
+    for out in (images, images / "masks"):
+        assert main(["segment", "predict", str(trained_run), str(images), "--out", str(out)]) == 2
+        assert "among the inputs" in capsys.readouterr().err
+    assert sorted(p.name for p in images.rglob("*")) == ["a.png"]

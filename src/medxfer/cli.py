@@ -579,6 +579,7 @@ def _size(n: float) -> str:
 FAMILY_COMMAND = {"segmentation": "segment", "detection": "detect"}
 
 SEGMENT_HELP = {
+    "image_size": "working resolution: images and masks resized to a square of this side",
     "labels": "mask values, comma-separated; the i-th becomes class i (0,255: binary)",
     "criterion": "training loss: ce+dice, ce or dice",
     "ce_weight": "weight of the per-pixel cross-entropy in ce+dice",
@@ -593,7 +594,7 @@ DETECT_HELP = {
     "mode": "transfer (frozen ImageNet backbone), scratch, or finetune",
     "image_size": "longer image side at the working resolution",
     "optimizer": "sgd (momentum 0.9) or adamw",
-    "classes": "comma-separated class names (default: those of the training boxes)",
+    "classes": "comma-separated class names; none: those of the training boxes",
     "fpn_channels": "channels of the feature pyramid and the detection heads",
     "augment": "random horizontal and vertical flips of training images",
     "limit": "use only the first N images of each split (quick looks, tests)",
@@ -697,17 +698,18 @@ def _segment_export(args: argparse.Namespace) -> int:
 
 def _detect_predict(args: argparse.Namespace) -> int:
     from medxfer.detection.predict import predict_boxes
-    from medxfer.inference.predict import expand_inputs
 
-    files = expand_inputs(args.inputs)
-    frame = predict_boxes(args.run, files, args.out, min_score=args.min_score, device=args.device)
-    failed = frame[frame.error.notna()]
-    boxes = frame[frame.error.isna()]
-    print(f"{len(boxes)} boxes in {boxes['file'].nunique()} images -> {args.out}")
-    for _, r in failed.iterrows():
-        print(f"medxfer: {r.file}: {r.error}", file=sys.stderr)
-    if len(failed):
-        print(f"medxfer: {len(failed)} of {len(files)} inputs could not be read", file=sys.stderr)
+    frame = predict_boxes(
+        args.run, args.inputs, args.out, min_score=args.min_score, device=args.device
+    )
+    failed = frame[frame["error"].notna()]
+    read = frame[frame["error"].isna()]
+    print(
+        f"{read['label'].notna().sum()} boxes in {read['file'].nunique()} images -> {args.out}"
+        f" (detections.csv lists every input; {failed['file'].nunique()} failed)"
+    )
+    for _, row in failed.iterrows():
+        print(f"medxfer: {row.file}: {row.error}", file=sys.stderr)
     return 1 if len(failed) else 0
 
 

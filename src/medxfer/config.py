@@ -232,3 +232,39 @@ class RunConfig:
         """Names of the fields that differ in ways that change results."""
         a, b = self.to_dict(), other.to_dict()
         return [k for k in a if k not in self.RESUMABLE_DIFFERENCES and a[k] != b[k]]
+
+
+def check_types(options) -> None:
+    """Every field of the options dataclass ``options`` holds a value of its annotated type
+    (``int`` for ``int``, a number for ``float``, ``True``/``False`` for ``bool``, text for
+    ``str``, a list of text for ``list[str]``; None where the annotation allows it): values
+    from a study file, ``--set`` or the Python API are refused in one line otherwise."""
+    import typing
+    from dataclasses import fields
+
+    hints = typing.get_type_hints(type(options))
+    for f in fields(options):
+        value, hint = getattr(options, f.name), hints[f.name]
+        allowed = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if value is None and type(None) in typing.get_args(hint):
+            continue
+        if not any(_is_a(value, kind) for kind in allowed):
+            names = " or ".join(_KIND_NAMES.get(k, "a list of names") for k in allowed)
+            raise MedxferError(f"--{f.name.replace('_', '-')} {value!r}: must be {names}")
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def _is_a(value, kind) -> bool:
+    import typing
+
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)

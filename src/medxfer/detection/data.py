@@ -96,13 +96,14 @@ def load_detection_data(
 
 
 def decode_rgb(path: Path, size: int) -> tuple[torch.Tensor, float]:
-    """The image as uint8 (3, h, w) with its longer side resized to ``size``; and that scale."""
+    """The image as uint8 (3, h, w) with its longer side resized to ``size`` (0: as it is);
+    and that scale."""
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise MedxferError(f"{path}: unreadable image ({exc})") from None
-    scale = size / max(rgb.size)
+    scale = size / max(rgb.size) if size else 1.0
     new = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
     if new != rgb.size:
         rgb = rgb.resize(new, Image.Resampling.BILINEAR)

@@ -35,17 +35,26 @@ class DetectionOptions:
     device: str = "auto"
 
     def validate(self) -> None:
+        from medxfer.config import check_types
+
+        check_types(self)
         if self.optimizer not in OPTIMIZERS:
             raise MedxferError(f"--optimizer {self.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
         if self.mode not in MODES:
             raise MedxferError(
                 f"--mode {self.mode!r}: unknown for detection (choose from {', '.join(MODES)})"
             )
-        for name in ("image_size", "epochs", "batch_size"):
+        for name in ("image_size", "epochs", "batch_size", "fpn_channels"):
             if getattr(self, name) < 1:
                 raise MedxferError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.bootstrap < 0:
-            raise MedxferError("--bootstrap must be 0 (no intervals) or more")
+        for ok, message in (
+            (self.lr > 0 and self.weight_decay >= 0, "--lr must be positive, --weight-decay >= 0"),
+            ((self.limit or 1) >= 1, "--limit must be at least 1"),
+            (self.bootstrap >= 0, "--bootstrap must be 0 (no intervals) or more"),
+            (self.seed >= 0, "--seed must be 0 or more"),
+        ):
+            if not ok:
+                raise MedxferError(message)
 
 
 def options_from_dict(values: dict) -> DetectionOptions:

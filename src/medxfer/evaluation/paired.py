@@ -96,17 +96,23 @@ def paired_bootstrap(
 ) -> dict:
     """Bootstrap of metric differences: ``score(rows)`` returns, for one resample of the shared
     test rows, b - a of every metric. Resampling as in ``bootstrap_intervals`` (whole
-    patients with ``groups``). Adds ``p_values``: twice the smaller fraction of resamples on
-    either side of 0, a two-sided test of no difference."""
+    patients with ``groups``). Adds ``p_values``: a two-sided test of no difference (see
+    ``_two_sided``)."""
     samples = draw(score, n, groups=groups, resamples=resamples, seed=seed)
     result = summarize(samples, n, groups=groups, resamples=resamples, level=level)
     result["p_values"] = {
-        k: min(1.0, 2 * min(np.mean(v <= 0), np.mean(v >= 0)))
-        if len(v) and result["clusters"] > 1
-        else None
-        for k, v in samples.items()
+        k: _two_sided(v) if len(v) and result["clusters"] > 1 else None for k, v in samples.items()
     }
     return result
+
+
+def _two_sided(samples: np.ndarray) -> float:
+    """Twice the smaller share of resamples on either side of 0, each counted as
+    (1 + count) / (B + 1) (Davison & Hinkley 1997): never 0, because B resamples cannot show
+    a p-value below about 2 / B; identical runs (every difference 0) give 1."""
+    b = len(samples)
+    below, above = (1 + np.sum(samples <= 0)) / (b + 1), (1 + np.sum(samples >= 0)) / (b + 1)
+    return float(min(1.0, 2 * min(below, above)))
 
 
 def binary_differences(y, prob_a, prob_b, thresholds: tuple[float, float] = (0.5, 0.5)) -> Score:

@@ -53,6 +53,20 @@ def unique_stem(stem: str, used: set[str]) -> str:
     return candidate
 
 
+def check_outputs_apart(out_dir: str | Path, inputs: list) -> None:
+    """Refuse an output folder that holds inputs, or lies inside a folder given as input:
+    its pictures would land among the inputs and be read as inputs by the next call."""
+    out = Path(out_dir).resolve()
+    for item in inputs:
+        given = Path(item)
+        folder = given if given.is_dir() else given.parent
+        folder = folder.resolve()
+        if out == folder or (given.is_dir() and folder in out.parents):
+            raise MedxferError(
+                f"--out {out_dir}: among the inputs ({item}); choose a folder apart from them"
+            )
+
+
 Input = str | Path | np.ndarray
 
 

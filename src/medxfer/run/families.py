@@ -72,6 +72,23 @@ def train_run(
     return Path(built.out)
 
 
+def check_same_run(options: dict[str, Any]) -> None:
+    """The finished run in ``options["out"]`` is the run ``options`` describe; else one line
+    naming the options that differ (a study rerun with other ``--set`` values must not
+    report the old runs as its own)."""
+    from dataclasses import asdict
+
+    from medxfer.run.folder import RunFolder
+    from medxfer.run.recorder import NOT_COMPARED
+
+    built = build_options(options)
+    folder = RunFolder(built.out)
+    if family_of(options) == "classification":
+        folder.check_same(built)
+    else:
+        folder.check_options(asdict(built), NOT_COMPARED)
+
+
 def refuse_other_family(run: str | Path) -> None:
     """Classification's commands on a segmentation or detection run: say which commands it
     takes instead of failing on its model file."""

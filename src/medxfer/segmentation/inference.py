@@ -20,7 +20,7 @@ from medxfer.atomic import write_json, write_with
 from medxfer.data.images import read_gray, resize_square
 from medxfer.device import select_device
 from medxfer.errors import MedxferError
-from medxfer.inference.predict import expand_inputs, unique_stem
+from medxfer.inference.predict import check_outputs_apart, expand_inputs, unique_stem
 from medxfer.segmentation.model import SegmentationModel
 from medxfer.segmentation.options import options_from_dict
 from medxfer.segmentation.run import load_segmentation_run
@@ -51,6 +51,7 @@ def predict_masks(
     with ``file``, ``mask`` and ``overlay`` (names within ``out_dir``; empty for a failed
     input) and ``error`` (empty unless the input could not be read). An unreadable input does
     not stop the others, as in classification's ``predict_files``. Returns that table."""
+    check_outputs_apart(out_dir, inputs)
     model, saved = load_segmentation_run(run)
     size = options_from_dict(saved["options"]).image_size
     labels = np.asarray(saved["labels"], dtype=np.int64)

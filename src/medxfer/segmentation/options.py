@@ -66,17 +66,29 @@ class SegmentationOptions:
         )
 
     def validate(self) -> None:
+        from medxfer.config import check_types
         from medxfer.data.augment import get_augmentation
         from medxfer.segmentation.losses import SegmentationLoss
 
+        check_types(self)
         self.model_spec.validate()
         self.label_values  # noqa: B018 - parses, raising on bad input
         get_augmentation(self.augment)
         SegmentationLoss(self.criterion, ce_weight=self.ce_weight, dice_weight=self.dice_weight)
         if self.select not in SELECTIONS:
             raise MedxferError(f"--select {self.select!r}: choose from {', '.join(SELECTIONS)}")
-        if self.image_size < 32 or self.epochs < 1 or self.batch_size < 1:
-            raise MedxferError("--image-size must be >= 32, --epochs and --batch-size >= 1")
+        for ok, message in (
+            (self.image_size >= 32, "--image-size must be at least 32"),
+            (self.epochs >= 1 and self.batch_size >= 1, "--epochs, --batch-size: at least 1"),
+            ((self.eval_batch_size or 1) >= 1, "--eval-batch-size must be at least 1"),
+            (self.decoder_width >= 1, "--decoder-width must be at least 1"),
+            (self.lr > 0 and self.weight_decay >= 0, "--lr must be positive, --weight-decay >= 0"),
+            (self.ce_weight >= 0 and self.dice_weight >= 0, "loss weights must be 0 or more"),
+            (self.bootstrap >= 0, "--bootstrap must be 0 (no intervals) or more"),
+            (self.seed >= 0, "--seed must be 0 or more"),
+        ):
+            if not ok:
+                raise MedxferError(message)
 
     @property
     def caches_features(self) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from medxfer.errors import MedxferError
 from medxfer.locking import LockHeld, exclusive_lock
-from medxfer.run.families import train_run
+from medxfer.run.families import check_same_run, train_run
 from medxfer.run.folder import RunFolder
 from medxfer.study.compare import save_settings, write_comparisons
 from medxfer.study.spec import Cell, Study
@@ -33,6 +33,7 @@ def run_cell(options: dict, out: str, lock_dir: str, threads: int | None = None)
     import torch
 
     if RunFolder(out).is_complete():
+        check_same_run({**options, "out": out})
         return "done"
     try:
         with exclusive_lock(Path(lock_dir) / f"{Path(out).name}.lock"):

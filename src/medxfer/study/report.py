@@ -84,24 +84,21 @@ def _preamble(study_dir: Path, frame: pd.DataFrame, settings: list[str]) -> list
         if counts.nunique() == 1
         else f"{counts.min()} to {counts.max()} replicates (seeds/folds) each"
     )
+    tasks = set(frame.task)
+    paper = (
+        " For binary tasks the paper's value and our difference follow in parentheses; "
+        "accuracy, precision and recall in %."
+        if "binary" in tasks
+        else ""
+    )
     lines = [
         f"# Study report: {study_dir.name}",
         "",
         f"{len(frame)} finished runs in {len(counts)} experiments, {replicates}; devices: "
         f"{', '.join(sorted(frame.device.unique()))}. A row is one experiment: mean ± sd over "
-        "its `n` replicates (sd only where n > 1). For binary tasks the paper's value and our "
-        "difference follow in parentheses; accuracy, precision and recall in %.",
+        f"its `n` replicates (sd only where n > 1).{paper}",
         "",
-        "Under each table, the paired comparisons of its runs on the same test images "
-        "(difference B − A as a fraction, 0.010 = one percentage point; HD95 in pixels): a "
-        "95% bootstrap interval that resamples whole patients where the data name them and "
-        "images otherwise, and a p-value (DeLong for binary ROC AUC, exact McNemar for "
-        "accuracy, paired bootstrap otherwise). ROC AUC (macro ROC AUC beyond binary) is the "
-        "primary metric; `p (Holm)` corrects the others for their number. Segmentation pairs "
-        "images: the mean of per-image differences, Dice primary (Wilcoxon signed-rank test); "
-        "detection resamples images and recomputes COCO mAP, mAP@0.5 primary. With several "
-        "seeds/folds the pooled row is shown (mean difference, t-interval over replicates); "
-        "`comparisons.csv` has every seed/fold.",
+        _comparisons_explained(tasks),
         "",
     ]
     if settings:
@@ -111,6 +108,38 @@ def _preamble(study_dir: Path, frame: pd.DataFrame, settings: list[str]) -> list
             "",
         ]
     return lines
+
+
+def _comparisons_explained(tasks: set[str]) -> str:
+    """How the comparisons under the tables were made, for the tasks this study has."""
+    text = [
+        "Under each table, the paired comparisons of its runs on the same test images "
+        "(difference B − A; fractions are fractions, 0.010 = one percentage point): a 95% "
+        "bootstrap interval that resamples whole patients where the data name them and images "
+        "otherwise, and a p-value."
+    ]
+    if tasks & {"binary", "multiclass", "multilabel"}:
+        text.append(
+            "Classification: DeLong's test for binary ROC AUC, exact McNemar for accuracy, "
+            "the paired bootstrap otherwise; ROC AUC (macro ROC AUC beyond binary) is primary."
+        )
+    if "segmentation" in tasks:
+        text.append(
+            "Segmentation: the mean of per-image differences; Dice is primary (Wilcoxon "
+            "signed-rank test), the others by the paired bootstrap; HD95 in pixels."
+        )
+    if "detection" in tasks:
+        text.append(
+            "Detection: COCO mAP recomputed on each resample of the test images; mAP@0.5 is "
+            "primary."
+        )
+    text.append(
+        "`p (Holm)` corrects the other metrics for their number; a bootstrap p-value is never "
+        "below 2 / (B + 1) for B resamples. With several seeds/folds the pooled row "
+        "is shown (mean difference, t-interval over replicates); `comparisons.csv` has every "
+        "seed/fold."
+    )
+    return " ".join(text)
 
 
 def _tables(runs: pd.DataFrame, pairs: pd.DataFrame, settings: list[str], suffix: str) -> list:
@@ -149,10 +178,23 @@ def _task_tables(runs: pd.DataFrame, pairs: pd.DataFrame, settings: list[str], s
         frame = runs[np.isclose(runs.lr, lr)]
         title = f"{TASK_TITLE[task]}, learning rate {lr:g}"
         parts += [f"## {title}{suffix}", "", _table(frame, settings, False), ""]
+        per_class = [c for c in frame.columns if c.startswith("ap50_")]
+        if per_class:
+            parts += ["Test AP@0.5 per class (one row per run):", "", _per_class(frame), ""]
         compared = _comparisons_table(pairs, set(frame.cell))
         if compared:
             parts += ["Paired comparisons:", "", compared, ""]
     return parts
+
+
+def _per_class(frame: pd.DataFrame) -> str:
+    columns = [c for c in frame.columns if c.startswith("ap50_") and frame[c].notna().any()]
+    names = [c.removeprefix("ap50_") for c in columns]
+    lines = ["| Run | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for _, row in frame.iterrows():
+        values = ["n/a" if pd.isna(row[c]) else f"{row[c]:.3f}" for c in columns]
+        lines.append(f"| {row.cell} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
 
 
 def _table(frame: pd.DataFrame, settings: list[str], reduced_lr: bool) -> str:
@@ -381,7 +423,10 @@ def _figure3(study_dir: Path, shown: pd.DataFrame, keys: list[str], target: tupl
         for ax, col in zip(axes, columns, strict=True):
             colour = plt.cm.tab10.colors[i % 10]
             ax.plot(history.epoch, history[col], style, color=colour, label=_short(row, keys))
+    from matplotlib.ticker import MaxNLocator
+
     for ax, title in zip(axes, [c.replace("_", " ") for c in columns], strict=True):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -96,6 +96,8 @@ def _task_row(folder: RunFolder) -> dict[str, Any]:
         row[key] = test.get(key)
         interval = (test.get("ci95") or {}).get(key)
         row[f"{key}_ci_low"], row[f"{key}_ci_high"] = interval or (None, None)
+    for name, values in (test.get("per_class") or {}).items():  # detection: AP per class
+        row[f"ap50_{name}"] = values.get("map_50")
     row.update(
         selected_epoch=metrics["selected_epoch"],
         seconds=metrics["seconds"]["total"],
