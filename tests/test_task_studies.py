@@ -75,6 +75,11 @@ def test_segmentation_study_pairs_images_and_reports(lung_manifest, tmp_path):  
     assert "medxfer segment train --data" in report
     assert (out / "figures" / "figure3_training_curves.png").stat().st_size > 0
 
+    # the same study folder with another option: refused, not reported as finished
+    changed = load_study(_segmentation_study(tmp_path / "seg.toml", lung_manifest), ["bn=adapt"])
+    with pytest.raises(MedxferError, match=r"holds a run with other settings \(bn\)"):
+        run_study(changed, out, log=lambda _: None)
+
 
 def test_presets_for_the_two_tasks_load():
     seg, det = load_study("segmentation"), load_study("detection")
