@@ -683,8 +683,13 @@ def _segment_predict(args: argparse.Namespace) -> int:
         f"wrote {len(rows) - len(failed)} masks and overlays to {args.out}"
         f" ({MASKS_CSV} lists every input; {len(failed)} failed)"
     )
-    for _, r in failed.iterrows():
-        print(f"medxfer: {r.file}: {r.error}", file=sys.stderr)
+    return _failures(failed)
+
+
+def _failures(failed) -> int:
+    """Each input that could not be read, one line on stderr; exit status 1 if any."""
+    for _, row in failed.drop_duplicates("file").iterrows():
+        print(f"medxfer: {row.file}: {row.error}", file=sys.stderr)
     return 1 if len(failed) else 0
 
 
@@ -708,9 +713,7 @@ def _detect_predict(args: argparse.Namespace) -> int:
         f"{read['label'].notna().sum()} boxes in {read['file'].nunique()} images -> {args.out}"
         f" (detections.csv lists every input; {failed['file'].nunique()} failed)"
     )
-    for _, row in failed.iterrows():
-        print(f"medxfer: {row.file}: {row.error}", file=sys.stderr)
-    return 1 if len(failed) else 0
+    return _failures(failed)
 
 
 if __name__ == "__main__":
