@@ -18,19 +18,14 @@ from medxfer.detection.model import DetectorSpec, build_detector
 from medxfer.device import select_device
 from medxfer.errors import MedxferError
 from medxfer.inference.predict import check_outputs_apart, expand_inputs, unique_stem
-from medxfer.run.folder import RunFolder
+from medxfer.run.folder import read_model_file
 
 COLUMNS = ["file", "picture", "label", "score", "xmin", "ymin", "xmax", "ymax", "error"]
 COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "white"]
 
 
 def load_detector(run: Path) -> tuple[torch.nn.Module, DetectorSpec]:
-    path = Path(run) / RunFolder.MODEL
-    if not path.exists():
-        raise MedxferError(f"{run}: no finished detection run ({RunFolder.MODEL} missing)")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if "spec" not in saved:
-        raise MedxferError(f"{path}: not a detection model")
+    saved = read_model_file(run, ("spec", "state_dict"), "a detection model")
     spec = DetectorSpec.from_dict(saved["spec"])
     model = build_detector(spec, load_weights=False)
     model.load_state_dict(saved["state_dict"])

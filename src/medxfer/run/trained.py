@@ -19,7 +19,7 @@ from medxfer.engine import Engine, make_engine, own_engine, resolve_engine
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
 from medxfer.run.families import refuse_other_family
-from medxfer.run.folder import RunFolder
+from medxfer.run.folder import RunFolder, read_model_file
 from medxfer.tasks import Task, make_task
 
 MODEL_FORMAT = 2
@@ -70,16 +70,7 @@ class TrainedModel:
         if path.is_dir():
             refuse_other_family(path)
             path = path / RunFolder.MODEL
-        if not path.exists():
-            raise MedxferError(
-                f"{path.parent}: no trained model ({path.name}); is the run finished?"
-            )
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise MedxferError(f"{path}: unreadable model file ({type(exc).__name__})") from None
-        if not isinstance(saved, dict) or "state_dict" not in saved or "config" not in saved:
-            raise MedxferError(f"{path}: not a medxfer model file")
+        saved = read_model_file(path, ("state_dict", "config"), "a medxfer model file")
         saved = saved if saved.get("format") == MODEL_FORMAT else _from_first_format(saved, path)
         cfg = RunConfig.from_dict(saved["config"])
         task = make_task(saved["task"], saved["classes"])

@@ -20,8 +20,7 @@ import torch
 
 from medxfer.data.augment import get_augmentation
 from medxfer.device import amp_dtype, inference_batch_size, select_device, to_input
-from medxfer.errors import MedxferError
-from medxfer.run.folder import RunFolder
+from medxfer.run.folder import RunFolder, read_model_file
 from medxfer.run.recorder import EpochState, Recorder, train_in_folder
 from medxfer.segmentation.data import SegmentationData, load_segmentation
 from medxfer.segmentation.engine import Loader, encode_all, evaluate, train_one_epoch
@@ -110,12 +109,7 @@ def _train(options: SegmentationOptions, recorder: Recorder, log: Callable[[str]
 
 def load_segmentation_run(run: str | Path) -> tuple[SegmentationModel, dict]:
     """The trained model of a finished run (eval mode, CPU) and its saved metadata."""
-    path = Path(run) / RunFolder.MODEL
-    if not path.exists():
-        raise MedxferError(f"{run}: no trained model ({RunFolder.MODEL}); is the run finished?")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if "labels" not in saved:
-        raise MedxferError(f"{path}: not a segmentation model")
+    saved = read_model_file(run, ("labels", "options", "state_dict"), "a segmentation model")
     options = options_from_dict(saved["options"])
     model = SegmentationModel(
         options.model_spec, len(saved["labels"]), options.decoder_width, load_weights=False

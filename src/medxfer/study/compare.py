@@ -254,11 +254,7 @@ def _segmentation_pair(tables: list[pd.DataFrame], resamples: int, seed: int) ->
     if not (pa.file.is_unique and pb.file.is_unique) or set(pa.file) != set(pb.file):
         raise MedxferError(f"not the same test images ({len(pa)} and {len(pb)})")
     pb = pb.set_index("file").loc[pa.file].reset_index()
-    patients = pa.patient.astype(str) if "patient" in pa else pd.Series(["file:"] * len(pa))
-    known = not patients.str.startswith("file:").all()
-    return paired_segmentation(
-        pa, pb, groups=patients.to_numpy() if known else None, resamples=resamples, seed=seed
-    )
+    return paired_segmentation(pa, pb, groups=_known_patients(pa), resamples=resamples, seed=seed)
 
 
 def _detection_pair(folders, tables: list[pd.DataFrame], resamples: int, seed: int) -> list:
@@ -319,9 +315,16 @@ def _align(a: RunFolder, b: RunFolder) -> tuple[str | None, tuple | None]:
     if not (pa.label.fillna("").astype(str) == pb.label.fillna("").astype(str)).all():
         return "the same test files carry different labels in the two runs; not paired", None
     sides = tuple(_side(p, f.read_metrics()) for p, f in ((pa, a), (pb, b)))
-    patients = pa.patient.astype(str).to_numpy()
-    known = not all(p.startswith("file:") for p in patients)
-    return None, (sides, patients if known else None)
+    return None, (sides, _known_patients(pa))
+
+
+def _known_patients(predictions: pd.DataFrame) -> np.ndarray | None:
+    """The test rows' patients for a cluster bootstrap; None where every row is its own
+    patient (``file:NAME``, what runs write when patients are unknown)."""
+    if "patient" not in predictions:
+        return None
+    patients = predictions.patient.astype(str).to_numpy()
+    return None if all(p.startswith("file:") for p in patients) else patients
 
 
 def _side(predictions: pd.DataFrame, metrics: dict) -> Side:

@@ -64,10 +64,7 @@ def _row(folder: RunFolder) -> dict[str, Any] | None:
     row = {"cell": folder.path.name, **folder.read_config().to_dict(), "task": task}
     row["image_size"] = folder.read_resolved()["image_size"]
     test = metrics["test"]
-    for key in scalar_metrics(task):
-        row[key] = test.get(key)
-        interval = (test.get("ci95") or {}).get(key)
-        row[f"{key}_ci_low"], row[f"{key}_ci_high"] = interval or (None, None)
+    row.update(_test_values(test, scalar_metrics(task)))
     thresholds = metrics.get("thresholds")
     row.update(
         {
@@ -92,10 +89,7 @@ def _task_row(folder: RunFolder) -> dict[str, Any]:
     task, test = metrics["task"], metrics.get("test") or {}
     row = {"cell": folder.path.name, **folder.read_options(), "task": task}
     row["image_size"] = folder.read_resolved().get("image_size", row.get("image_size"))
-    for key in HEADLINE[task]:
-        row[key] = test.get(key)
-        interval = (test.get("ci95") or {}).get(key)
-        row[f"{key}_ci_low"], row[f"{key}_ci_high"] = interval or (None, None)
+    row.update(_test_values(test, HEADLINE[task]))
     for name, values in (test.get("per_class") or {}).items():  # detection: AP per class
         row[f"ap50_{name}"] = values.get("map_50")
     row.update(
@@ -105,6 +99,16 @@ def _task_row(folder: RunFolder) -> dict[str, Any]:
         torch=folder.read_environment().get("torch"),
     )
     return row
+
+
+def _test_values(test: dict, names) -> dict[str, Any]:
+    """Each test metric of ``names`` with its 95% interval (``NAME_ci_low``/``_high``)."""
+    values: dict[str, Any] = {}
+    for key in names:
+        values[key] = test.get(key)
+        interval = (test.get("ci95") or {}).get(key)
+        values[f"{key}_ci_low"], values[f"{key}_ci_high"] = interval or (None, None)
+    return values
 
 
 def experiment_of(row: pd.Series | dict) -> tuple[str, ...]:
