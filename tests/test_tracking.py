@@ -162,3 +162,66 @@ def test_two_processes_write_one_sqlite_store(tmp_path):
         assert run.info.status == "FINISHED"
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "x"))
         assert history == [(s, s / 40) for s in range(1, 41)]
+
+
+# -- stores MLflow would fail on mid-run are refused before anything is written --------------
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("file:///tmp/medxfer-x/mlruns", "MLflow's file store is in maintenance mode"),
+        ("./mlruns", "MLflow's file store is in maintenance mode"),
+        ("ftp://example.invalid/store", "not an MLflow tracking URI"),
+        (f"http://127.0.0.1:{_closed_port()}", "no MLflow server answers there"),
+    ],
+)
+def test_a_store_mlflow_would_fail_on_is_refused_in_one_line(
+    small_kermany, tmp_path, capsys, monkeypatch, uri, expected
+):
+    from medxfer.cli import main
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(small_kermany), "--out", str(out), "--track", "mlflow"]
+    assert main([*args, "--tracking-uri", uri, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medxfer: error: {uri}: {expected}")
+    assert list(tmp_path.iterdir()) == []  # no run folder, no lock file
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the same store from the environment
+    assert main([*args, "--quiet"]) == 2
+    assert uri in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+def test_a_study_refuses_a_file_store_before_its_folder_exists(tmp_path, monkeypatch):
+    from medxfer.errors import MedxferError
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    study_file = tmp_path / "s.toml"
+    study_file.write_text(
+        f'[study]\ntrack = "mlflow"\ntracking_uri = "file://{tmp_path}/mlruns"\n'
+        '[base]\ndata = "d"\n[grid]\nmode = ["scratch", "transfer"]\n'
+    )
+    with pytest.raises(MedxferError, match=r"use sqlite:///PATH/mlflow\.db"):
+        run_study(load_study(str(study_file)), tmp_path / "study", log=lambda _: None)
+    assert not (tmp_path / "study").exists()
+
+
+def test_file_store_runs_with_mlflows_own_opt_out(small_kermany, tmp_path, monkeypatch):
+    """``MLFLOW_ALLOW_FILE_STORE=true`` is MLflow's documented opt-out: then a file store works."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    out = tmp_path / "run"
+    folder = medxfer.train(small_kermany, out, track="mlflow", tracking_uri=uri, **TINY)
+    record = folder.read_tracking()
+    run = MlflowClient(uri).get_run(record["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["final_test_accuracy"] == pytest.approx(
+        folder.read_metrics()["test"]["accuracy"]
+    )

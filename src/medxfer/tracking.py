@@ -15,10 +15,12 @@ import math
 import os
 import random
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlparse
 
 from medxfer.errors import MedxferError
 
@@ -48,6 +50,45 @@ class Handler(Protocol):
 def configured_handlers(cfg: RunConfig) -> list[Handler]:
     """The handlers a run's own options ask for (``--track``)."""
     return [MlflowHandler(cfg.tracking_uri)] if cfg.track == "mlflow" else []
+
+
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
+SERVER_SCHEMES = ("http", "https")
+
+
+def check_store(track: str, explicit: str | None) -> None:
+    """Refuse, before anything is written, a tracking store MLflow would fail on mid-run:
+    a file store (MLflow keeps it in maintenance mode and raises on new runs unless
+    ``MLFLOW_ALLOW_FILE_STORE=true``), a server that does not answer, an unknown scheme."""
+    if track != "mlflow":
+        return
+    _client_class()  # the MLflow client is installed
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return  # the SQLite store in the run (or study) folder
+    scheme = urlparse(uri).scheme.lower().split("+")[0]
+    if scheme in ("", "file") or len(scheme) == 1:  # a path, file:, or a Windows drive
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+            raise MedxferError(
+                f"{uri}: MLflow's file store is in maintenance mode and refuses new runs;"
+                " use sqlite:///PATH/mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)"
+            )
+    elif scheme in SERVER_SCHEMES:
+        _check_server(uri)
+    elif scheme not in (*DATABASE_SCHEMES, "databricks"):
+        known = ", ".join((*DATABASE_SCHEMES, *SERVER_SCHEMES, "databricks", "file"))
+        raise MedxferError(f"{uri}: not an MLflow tracking URI (schemes: {known})")
+
+
+def _check_server(uri: str, timeout: float = 5.0) -> None:
+    """An MLflow server answers ``GET /health``; anything else stops the run here."""
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as response:
+            response.read(64)
+    except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts are OSErrors
+        reason = getattr(exc, "reason", exc)
+        raise MedxferError(f"{uri}: no MLflow server answers there ({reason})") from None
 
 
 def store_uri(explicit: str | None, folder: Path) -> str:
@@ -225,16 +266,21 @@ def experiment(client: Any, name: str, uri: str) -> str:
 
 
 # -- the MLflow client, with retries for a store shared by parallel processes ----------------
-def _client(uri: str) -> Any:
+def _client_class() -> Any:
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise MedxferError(
             "--track mlflow needs the MLflow client: pip install 'medxfer[track]'"
         ) from None
+    return MlflowClient
+
+
+def _client(uri: str) -> Any:
+    client_class = _client_class()
     if uri.startswith("sqlite:///"):
         Path(uri[10:]).parent.mkdir(parents=True, exist_ok=True)
-    return _retry(MlflowClient, uri)
+    return _retry(client_class, uri)
 
 
 def _retry(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -38,7 +38,7 @@ from medxfer.run.folder import RunFolder
 from medxfer.run.inputs import prepare_inputs
 from medxfer.run.trained import TrainedModel
 from medxfer.tasks import make_task
-from medxfer.tracking import Handler, configured_handlers
+from medxfer.tracking import Handler, check_store, configured_handlers
 from medxfer.training.loop import (
     Schedule,
     TrainState,
@@ -115,8 +115,9 @@ def _train_locked(
 
 
 def validate(cfg: RunConfig, progress: bool) -> Runtime:
-    """Files and device; option values were checked when ``cfg`` was built."""
+    """Files, tracking store and device; option values were checked when ``cfg`` was built."""
     cfg.model_spec.check_files()
+    check_store(cfg.track, cfg.tracking_uri)
     return Runtime.create(
         cfg.device,
         amp=cfg.amp,

@@ -23,7 +23,7 @@ from medxfer.run.folder import RunFolder
 from medxfer.study.compare import save_settings, write_comparisons
 from medxfer.study.spec import Cell, Study
 from medxfer.study.table import write_results
-from medxfer.tracking import study_tracking
+from medxfer.tracking import check_store, study_tracking
 
 EXECUTORS = ("local", "ray")
 
@@ -57,6 +57,9 @@ def run_study(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run every cell of ``study`` into ``out`` and write the results table."""
+    if executor not in EXECUTORS:
+        raise MedxferError(f"--executor {executor!r}: choose {' or '.join(EXECUTORS)}")
+    check_store(study.base.get("track", "none"), study.base.get("tracking_uri"))
     cells = study.cells()
     for name in study.skipped:
         log(f"skip {name}: ImageNet weights not available here")
@@ -69,8 +72,6 @@ def run_study(
         f"{sum(RunFolder(o).is_complete() for *_, o in jobs)} already finished"
     )
     started = time.perf_counter()
-    if executor not in EXECUTORS:
-        raise MedxferError(f"--executor {executor!r}: choose {' or '.join(EXECUTORS)}")
     plan = Plan(jobs, lock_dir, out, study, log)
     with study_tracking(study.name, out, study.base):  # a parent run when the cells track
         if executor == "local":
