@@ -18,8 +18,9 @@ from medxfer.errors import MedxferError
 from medxfer.models.factory import create_model
 from medxfer.models.spec import ModelSpec
 from medxfer.run.folder import RunFolder
-from medxfer.run.pipeline import evaluate, train
+from medxfer.run.pipeline import FAMILY, evaluate, train
 from medxfer.training.features import extract_features
+from medxfer.training.trainer import Trainer
 from tests.conftest import LITE0_FILE, MOBILENET_FILE
 
 CPU = torch.device("cpu")
@@ -131,10 +132,10 @@ def test_resume_under_another_engine_is_allowed(tmp_path):
     """The engine is not a setting that changes results (features agree within 1e-4)."""
     folder = RunFolder(tmp_path / "run")
     a = RunConfig(data="d", out=str(folder.path), engine="torch")
-    folder.write_config(a, {"engine": "torch"})
-    folder.check_same(replace(a, engine="onnxruntime"))  # no error
+    folder.write_config("classification", a.to_dict(), {"engine": "torch"})
+    Trainer(FAMILY, replace(a, engine="onnxruntime")).check_same()  # no error
     with pytest.raises(MedxferError, match="other settings"):
-        folder.check_same(replace(a, lr=0.1))
+        Trainer(FAMILY, replace(a, lr=0.1)).check_same()
 
 
 @pytest.mark.skipif(not MOBILENET_FILE.exists(), reason="MobileNet v2 weights not present")

@@ -15,11 +15,10 @@ from medxfer.device import to_input
 from medxfer.models.factory import ModelSpec, create_model
 from medxfer.tasks import make_task
 from medxfer.training.loop import (
+    ClassifierEpochs,
     ImageSource,
     Schedule,
-    TrainState,
     build_optimizer,
-    fit,
     predict_logits,
     reestimate_batchnorm,
 )
@@ -48,15 +47,15 @@ def test_scratch_mobilenet_is_no_constant_in_eval_mode(tmp_path):
         model, data.pixels, CPU, get_augmentation("paper"), seed=0, eval_batch_size=50
     )
     optimizer = build_optimizer(model.parameters(), "adam", 1e-3, 0.0, 0.9)
-    fit(
+    epochs = ClassifierEpochs(
         source,
         data,
         make_task("binary", data.classes),
         Schedule(optimizer, epochs=2, batch_size=32, select="last", seed=0),
-        TrainState(),
         progress=False,
-        log=lambda _: None,
     )
+    for epoch in (1, 2):
+        epochs.train_one_epoch(epoch)
     train = data.splits["train"]
     logits = predict_logits(model, source, train)
     assert np.ptp(logits) > 0.1

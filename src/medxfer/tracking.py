@@ -25,7 +25,6 @@ from urllib.parse import urlparse
 from medxfer.errors import MedxferError
 
 if TYPE_CHECKING:
-    from medxfer.config import RunConfig
     from medxfer.run.folder import RunFolder
 
 STORE = "mlflow.db"
@@ -38,7 +37,7 @@ RUN_FILES = ("config.json", "metrics.json", "reliability.png", "predictions.csv"
 class Handler(Protocol):
     """What the pipeline tells an observer of a run."""
 
-    def started(self, folder: RunFolder, cfg: RunConfig) -> None: ...
+    def started(self, folder: RunFolder, options: dict[str, Any]) -> None: ...
 
     def epoch_ended(self, row: dict[str, Any]) -> None: ...
 
@@ -47,9 +46,11 @@ class Handler(Protocol):
     def failed(self, folder: RunFolder, error: BaseException) -> None: ...
 
 
-def configured_handlers(cfg: RunConfig) -> list[Handler]:
-    """The handlers a run's own options ask for (``--track``)."""
-    return [MlflowHandler(cfg.tracking_uri)] if cfg.track == "mlflow" else []
+def configured_handlers(options: Any) -> list[Handler]:
+    """The handlers a run's own options ask for (``--track``), for any task family."""
+    if getattr(options, "track", "none") != "mlflow":
+        return []
+    return [MlflowHandler(getattr(options, "tracking_uri", None))]
 
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
@@ -107,7 +108,7 @@ class MlflowHandler:
         self.client: Any = None
         self.run_id: str | None = None
 
-    def started(self, folder: RunFolder, cfg: RunConfig) -> None:
+    def started(self, folder: RunFolder, options: dict[str, Any]) -> None:
         uri = store_uri(self.tracking_uri, folder.path)
         self.client = _client(uri)
         record = folder.read_tracking()
@@ -119,7 +120,7 @@ class MlflowHandler:
             self.run_id = self._create_run(folder, uri)
             folder.write_tracking({"tracker": "mlflow", "tracking_uri": uri, "run_id": self.run_id})
         logged = _retry(self.client.get_run, self.run_id).data.params
-        params = [(k, _param(v)) for k, v in sorted(cfg.to_dict().items()) if k not in logged]
+        params = [(k, _param(v)) for k, v in sorted(options.items()) if k not in logged]
         _log_batch(self.client, self.run_id, params=params)
 
     def epoch_ended(self, row: dict[str, Any]) -> None:
@@ -166,11 +167,12 @@ class MlflowHandler:
 
 def run_tags(folder: RunFolder) -> dict[str, str]:
     """What identifies a run at a glance in the MLflow UI."""
-    cfg, resolved, env = folder.read_config(), folder.read_resolved(), folder.read_environment()
+    options, resolved = folder.read_options(), folder.read_resolved()
+    env = folder.read_environment()
     tags = {
-        "arch": cfg.arch,
-        "mode": cfg.mode,
-        "task": str(resolved.get("task")),
+        "arch": str(options.get("arch")),
+        "mode": str(options.get("mode")),
+        "task": str(resolved.get("task", folder.family())),
         "device": str(resolved.get("device")),
         "git_commit": str(env.get("git_commit")),
         "run_folder": str(folder.path.resolve()),

@@ -12,7 +12,6 @@ same folder are refused.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -31,10 +30,10 @@ from medxfer.detection.metrics import (
     match_boxes,
 )
 from medxfer.detection.model import DetectorSpec, anchors_from_boxes, build_detector
-from medxfer.detection.options import DetectionOptions
-from medxfer.device import select_device
+from medxfer.detection.options import DetectionOptions, options_from_dict
+from medxfer.device import Runtime
 from medxfer.run.folder import RunFolder
-from medxfer.run.recorder import EpochState, Recorder, train_in_folder
+from medxfer.training.trainer import EpochState, Log, Trainer
 
 TASK = "detection"
 
@@ -73,63 +72,97 @@ def train_detection(
 
     Bad input stops the run before anything is written.
     """
-    return train_in_folder(options, TASK, _train, log=log, overwrite=overwrite)
+    options.validate()
+    return Trainer(FAMILY, options, log=log, overwrite=overwrite).run().path
 
 
-def _train(options: DetectionOptions, recorder: Recorder, log: Callable[[str], None]) -> None:
-    data = load_detection_data(options.data, options.classes, options.limit)
-    tensors = {s: _decode(data, s, options.image_size) for s in data.splits}
-    scale_of = {p: sc for imgs in tensors.values() for p, sc in imgs[2].items()}
-    anchor_sizes, ratios = anchors_from_boxes(box_scales(data.splits["train"], scale_of))
-    spec = DetectorSpec(
-        arch=options.arch,
-        mode=options.mode,
-        classes=data.classes,
-        image_size=options.image_size,
-        anchor_sizes=anchor_sizes,
-        aspect_ratios=ratios,
-        weights=options.weights,
-        fpn_channels=options.fpn_channels,
-    )
-    torch.manual_seed(options.seed)
-    device = select_device(options.device)
-    model = build_detector(spec).to(device)
-    optimizer = _optimizer(options, [p for p in model.parameters() if p.requires_grad])
-    state = recorder.resume(model, optimizer, log)
-    recorder.start(_resolved(spec, data, device))
-    val_loader = _loader(tensors["val"], options)
-    for epoch in range(state.epoch + 1, options.epochs + 1):
-        started = time.perf_counter()
+class DetectionJob:
+    """One detection run for the trainer: Faster R-CNN on the factory backbone."""
+
+    def __init__(self, options: DetectionOptions, runtime: Runtime, log: Log) -> None:
+        self.options, self.runtime = options, runtime
+        self.data = data = load_detection_data(options.data, options.classes, options.limit)
+        self.tensors = {s: _decode(data, s, options.image_size) for s in data.splits}
+        scale_of = {p: sc for imgs in self.tensors.values() for p, sc in imgs[2].items()}
+        anchor_sizes, ratios = anchors_from_boxes(box_scales(data.splits["train"], scale_of))
+        self.spec = DetectorSpec(
+            arch=options.arch,
+            mode=options.mode,
+            classes=data.classes,
+            image_size=options.image_size,
+            anchor_sizes=anchor_sizes,
+            aspect_ratios=ratios,
+            weights=options.weights,
+            fpn_channels=options.fpn_channels,
+        )
+        torch.manual_seed(options.seed)
+        self.network = self.trainable = build_detector(self.spec).to(runtime.device)
+        trainable = [p for p in self.network.parameters() if p.requires_grad]
+        self.optimizer = _optimizer(options, trainable)
+        self.val_loader = _loader(self.tensors["val"], options)
+
+    def resolved(self) -> dict:
+        return _resolved(self.spec, self.data, self.runtime.device)
+
+    def start(self, resumed: bool) -> None:
+        pass
+
+    def train_one_epoch(self, epoch: int) -> dict:
         # every random draw of the epoch (order, flips, the detector's box sampling) from the
         # seed and the epoch alone, so that a resumed run is the uninterrupted one
-        torch.manual_seed(options.seed * 1000 + epoch)
-        generator = torch.Generator().manual_seed(options.seed * 1000 + epoch)
-        train_loader = _loader(tensors["train"], options, shuffle=True, generator=generator)
-        losses = train_one_epoch(model, optimizer, train_loader, device)
-        val = evaluate(model, val_loader, device, list(data.classes))
-        row = {"epoch": epoch, **{f"train_{k}": v for k, v in losses.items()}}
-        row |= {"val_map_50": val["map_50"], "val_map": val["map"]}
-        row["seconds"] = time.perf_counter() - started
+        seed = self.options.seed * 1000 + epoch
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        loader = _loader(self.tensors["train"], self.options, shuffle=True, generator=generator)
+        losses = train_one_epoch(self.network, self.optimizer, loader, self.runtime.device)
+        return {f"train_{k}": v for k, v in losses.items()}
+
+    def evaluate(self, epoch: int) -> dict:
+        val = evaluate(self.network, self.val_loader, self.runtime.device, list(self.data.classes))
         # no validation box found at all: mAP undefined, ranked below any defined value
-        row["score"] = val["map_50"] if val["map_50"] is not None else float("-inf")
-        recorder.end_epoch(state, row, model=model, optimizer=optimizer)
-        log(
-            f"epoch {epoch}: loss {losses['loss']:.4f}  val mAP@0.5 {val['map_50'] or 0:.4f} "
-            f"({row['seconds']:.0f} s)"
+        score = val["map_50"] if val["map_50"] is not None else float("-inf")
+        return {"val_map_50": val["map_50"], "val_map": val["map"], "score": score}
+
+    def finish(self, folder: RunFolder, state: EpochState) -> dict:
+        test = None
+        if self.data.splits.get("test"):
+            boxes = detect(
+                self.network, _loader(self.tensors["test"], self.options), self.runtime.device
+            )
+            scores = DetectionScores(self.data.classes)
+            scores.update(*boxes)
+            files = [str(item.path) for item in self.data.splits["test"]]
+            table = _test_table(files, boxes, self.data.classes)
+            folder.write_predictions(table)
+            test = _with_intervals(scores.compute(), table, self.data.classes, self.options)
+        saved = {"spec": self.spec.to_dict(), "state_dict": self.network.state_dict()}
+        folder.write_file(RunFolder.MODEL, lambda tmp: torch.save(saved, tmp))
+        return _metrics(state, self.data, test, self.runtime.device)
+
+    def epoch_line(self, row: dict) -> str:
+        return (
+            f"epoch {row['epoch']}: loss {row['train_loss']:.4f}  "
+            f"val mAP@0.5 {row['val_map_50'] or 0:.4f} ({row['seconds']:.0f} s)"
         )
-    model.load_state_dict(state.best_model)
-    test = None
-    if data.splits.get("test"):
-        boxes = detect(model, _loader(tensors["test"], options), device)
-        scores = DetectionScores(data.classes)
-        scores.update(*boxes)
-        files = [str(item.path) for item in data.splits["test"]]
-        table = _test_table(files, boxes, data.classes)
-        recorder.folder.write_predictions(table)
-        test = _with_intervals(scores.compute(), table, data.classes, options)
-    saved = {"spec": spec.to_dict(), "state_dict": model.state_dict()}
-    recorder.folder.write_file(RunFolder.MODEL, lambda tmp: torch.save(saved, tmp))
-    recorder.finish(state, _metrics(state, data, test, device))
+
+    def random_state(self) -> None:
+        return None  # every epoch's draws come from the seed and the epoch
+
+    def set_random_state(self, state: dict) -> None:
+        pass
+
+
+class DetectionFamily:
+    name = TASK
+
+    def options_from_dict(self, values: dict) -> DetectionOptions:
+        return options_from_dict(values)
+
+    def build(self, options: DetectionOptions, runtime: Runtime, log: Log) -> DetectionJob:
+        return DetectionJob(options, runtime, log)
+
+
+FAMILY = DetectionFamily()
 
 
 def _decode(data: DetectionData, split: str, size: int):
@@ -165,6 +198,7 @@ def _optimizer(options: DetectionOptions, params) -> torch.optim.Optimizer:
 def _metrics(state: EpochState, data: DetectionData, test: dict | None, device) -> dict:
     row = state.history[state.best_epoch - 1]
     return {
+        "task": TASK,
         "selected_epoch": state.best_epoch,
         "selection": "val_map_50",
         "val": {"map_50": row["val_map_50"], "map": row["val_map"]},

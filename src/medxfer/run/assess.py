@@ -19,13 +19,12 @@ from medxfer.models.classifier import XrayClassifier
 from medxfer.run.context import Assessment, Context, Inputs
 from medxfer.run.trained import TrainedModel
 from medxfer.tasks import Task
-from medxfer.training.loop import (
-    TrainState,
-    predict_logits,
-)
+from medxfer.training.loop import predict_logits
+from medxfer.training.trainer import EpochState
 
 
-def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: TrainState) -> Assessment:
+def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: EpochState
+) -> Assessment:
     """Everything chosen on validation data (temperature, operating points), then the test
     metrics with intervals, the predictions of both splits, and the trained model."""
     cfg, data, task = ctx.cfg, ctx.data, ctx.task

@@ -51,42 +51,37 @@ def build_options(options: dict[str, Any]):
     return built
 
 
+def family(name: str):
+    """The task family ``name`` (``medxfer.training.trainer.Family``): what builds its jobs."""
+    if name == "segmentation":
+        from medxfer.segmentation.run import FAMILY
+    elif name == "detection":
+        from medxfer.detection.run import FAMILY
+    else:
+        from medxfer.run.pipeline import FAMILY
+    return FAMILY
+
+
 def train_run(
     options: dict[str, Any], *, log: Callable[[str], None] = print, overwrite: bool = False
 ) -> Path:
     """Train (resume, or find finished) the run of ``options``; return its folder.
     ``overwrite`` replaces the folder's run once the new one's options and data are good."""
-    family = family_of(options)
+    from medxfer.training.trainer import Trainer
+
     built = build_options(options)
-    if family == "segmentation":
-        from medxfer.segmentation.run import train_segmentation
-
-        return train_segmentation(built, log=log, overwrite=overwrite)
-    if family == "detection":
-        from medxfer.detection.run import train_detection
-
-        return train_detection(built, log=log, overwrite=overwrite)
-    from medxfer.run.pipeline import train
-
-    train(built, progress=False, log=log, overwrite=overwrite)
-    return Path(built.out)
+    trainer = Trainer(family(family_of(options)), built, log=log, overwrite=overwrite)
+    return trainer.run().path
 
 
 def check_same_run(options: dict[str, Any]) -> None:
     """The finished run in ``options["out"]`` is the run ``options`` describe; else one line
     naming the options that differ (a study rerun with other ``--set`` values must not
     report the old runs as its own)."""
-    from dataclasses import asdict
-
-    from medxfer.run.folder import RunFolder
-    from medxfer.run.recorder import NOT_COMPARED
+    from medxfer.training.trainer import Trainer
 
     built = build_options(options)
-    folder = RunFolder(built.out)
-    if family_of(options) == "classification":
-        folder.check_same(built)
-    else:
-        folder.check_options(asdict(built), NOT_COMPARED)
+    Trainer(family(family_of(options)), built).check_same()
 
 
 def refuse_other_family(run: str | Path) -> None:

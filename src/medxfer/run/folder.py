@@ -122,17 +122,11 @@ class RunFolder:
             raise MedxferError(f"{path}: unreadable ({exc})") from None
 
     # -- writing (each file atomically) ---------------------------------------------------
-    def write_config(self, cfg: RunConfig, resolved: dict[str, Any]) -> None:
+    def write_config(self, family: str, options: dict[str, Any], resolved: dict) -> None:
+        """``config.json``: the task family, every option, the resolved values, the machine."""
         write_json(
             self.file(self.CONFIG),
-            {"run": cfg.to_dict(), "resolved": resolved, "environment": environment()},
-        )
-
-    def write_task_config(self, task: str, options: dict[str, Any], resolved: dict) -> None:
-        """``config.json`` of a segmentation or detection run (``task`` names it)."""
-        write_json(
-            self.file(self.CONFIG),
-            {"task": task, "run": options, "resolved": resolved, "environment": environment()},
+            {"task": family, "run": options, "resolved": resolved, "environment": environment()},
         )
 
     def write_history(self, rows: list[dict]) -> None:
@@ -156,26 +150,6 @@ class RunFolder:
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """Written last: marks the run complete."""
         write_json(self.file(self.METRICS), metrics)
-
-    def check_same(self, cfg: RunConfig) -> None:
-        """Refuse to continue a run of other settings in this folder."""
-        diff = cfg.differences(self.read_config())
-        if diff:
-            raise MedxferError(
-                f"{self.path}: holds a run with other settings ({', '.join(diff)}); "
-                "use another --out or --overwrite"
-            )
-
-    def check_options(self, options: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
-        """``check_same`` for runs whose options are a plain dict (segmentation, detection)."""
-        before = self.read_options()
-        keys = dict.fromkeys([*options, *before])
-        diff = [k for k in keys if k not in ignore and before.get(k) != options.get(k)]
-        if diff:
-            raise MedxferError(
-                f"{self.path}: holds a run with other settings ({', '.join(diff)}); "
-                "use another --out or --overwrite"
-            )
 
 
 def read_model_file(source: str | Path, required: tuple[str, ...], kind: str) -> dict:

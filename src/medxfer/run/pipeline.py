@@ -9,7 +9,6 @@ input fails in the first two stages, before the run folder is touched.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from medxfer.checkpoint import load_checkpoint_or_none
 from medxfer.config import RunConfig
 from medxfer.data.augment import get_augmentation
 from medxfer.data.cache import default_cache_dir
@@ -28,7 +26,6 @@ from medxfer.engine import own_engine
 from medxfer.errors import MedxferError
 from medxfer.evaluation.metrics import task_metrics
 from medxfer.figures import reliability_diagram
-from medxfer.locking import run_folder_lock
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import create_model, weights_digest
 from medxfer.run.assess import assess, metric_thresholds
@@ -38,13 +35,9 @@ from medxfer.run.folder import RunFolder
 from medxfer.run.inputs import prepare_inputs
 from medxfer.run.trained import TrainedModel
 from medxfer.tasks import make_task
-from medxfer.tracking import Handler, check_store, configured_handlers
-from medxfer.training.loop import (
-    Schedule,
-    TrainState,
-    build_optimizer,
-    fit,
-)
+from medxfer.tracking import Handler
+from medxfer.training.loop import ClassifierEpochs, Schedule, build_optimizer, epoch_line
+from medxfer.training.trainer import EpochState, Trainer
 
 
 # -- the pipeline --------------------------------------------------------------------------
@@ -58,73 +51,103 @@ def train(
 ) -> RunFolder:
     """Train (or resume, or skip if finished) the run described by ``cfg``; return its folder.
     ``handlers`` (and those ``cfg.track`` asks for) hear of the start, each epoch and the end."""
-    folder = RunFolder(cfg.out)
-    if folder.is_complete() and not overwrite:
-        folder.check_same(cfg)
-        log(f"{folder.path}: run already complete")
-        return folder
-    runtime = validate(cfg, progress)
-    with run_folder_lock(folder.path):  # a second process on this folder stops here
-        return _train_locked(folder, cfg, runtime, overwrite=overwrite, log=log, handlers=handlers)
-
-
-def _train_locked(
-    folder: RunFolder,
-    cfg: RunConfig,
-    runtime: Runtime,
-    *,
-    overwrite: bool,
-    log: Log,
-    handlers: Sequence[Handler],
-) -> RunFolder:
-    loading = time.perf_counter()
-    ctx = load_data(cfg, runtime)
-    loaded = time.perf_counter() - loading
-    network = build_network(ctx)
-    state = resume(folder, ctx, network, overwrite, log)
-    started = time.perf_counter()
-    folder.write_config(cfg, resolved(ctx))
-    handlers = [*handlers, *configured_handlers(cfg)]
-    for handler in handlers:
-        handler.started(folder, cfg)
-    try:
-        inputs = prepare_inputs(ctx, network, adapted=state.epoch > 0)
-        # a linear head on cached features is too small a job to share between threads
-        small = (
-            single_thread(runtime.device) if cfg.uses_feature_cache else contextlib.nullcontext()
-        )
-        with small:
-            state = fit_stage(ctx, network, inputs, state, folder, log=log, handlers=handlers)
-            inputs.trainable.load_state_dict(state.best_state)  # strict: the selected epoch
-            outcome = assess(ctx, network, inputs, state)
-        outcome.metrics["seconds"] = {
-            "total": loaded + time.perf_counter() - started,
-            "data": loaded,  # hashing, and decoding on a cold cache
-            **inputs.seconds,  # features: augment and forward (zero on a warm feature cache)
-            "epochs": sum(r["seconds"] for r in state.history),
-        }
-        write(folder, outcome)
-        folder.file(RunFolder.CHECKPOINT).unlink(missing_ok=True)
-        for handler in handlers:
-            handler.finished(folder, outcome.metrics)
-    except BaseException as error:  # interrupted or crashed: the observers hear of it
-        for handler in handlers:
-            handler.failed(folder, error)
-        raise
-    return folder
-
-
-def validate(cfg: RunConfig, progress: bool) -> Runtime:
-    """Files, tracking store and device; option values were checked when ``cfg`` was built."""
-    cfg.model_spec.check_files()
-    check_store(cfg.track, cfg.tracking_uri)
-    return Runtime.create(
-        cfg.device,
-        amp=cfg.amp,
-        batch_size=cfg.eval_batch_size,
-        progress=progress,
-        engine=cfg.engine_request,
+    trainer = Trainer(
+        FAMILY, cfg, log=log, progress=progress, overwrite=overwrite, handlers=handlers
     )
+    return trainer.run()
+
+
+class ClassificationJob:
+    """One classification run for the trainer: data -> network -> (BN adapt, feature cache)
+    -> epochs -> choices on validation, test metrics, files."""
+
+    def __init__(self, cfg: RunConfig, runtime: Runtime, log: Log) -> None:
+        loading = time.perf_counter()
+        self.ctx, self.log = load_data(cfg, runtime), log
+        self.seconds = {"data": time.perf_counter() - loading}  # hashing, cold-cache decoding
+        self.network = build_network(self.ctx)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.inputs: Inputs | None = None
+        self.epochs: ClassifierEpochs | None = None
+        # a linear head on cached features is too small a job to share between threads
+        self.small = cfg.uses_feature_cache
+
+    @property
+    def trainable(self) -> torch.nn.Module:
+        return self.inputs.trainable if self.inputs is not None else self.network
+
+    def resolved(self) -> dict:
+        return resolved(self.ctx)
+
+    def start(self, resumed: bool) -> None:
+        cfg = self.ctx.cfg
+        if RunFolder(cfg.out).has_run():  # the folder's run is being continued
+            _note_engine_change(RunFolder(cfg.out), self.ctx.runtime, self.log)
+        self.inputs = prepare_inputs(self.ctx, self.network, adapted=resumed)
+        self.seconds.update(self.inputs.seconds)  # features: augment and forward
+        params = [p for p in self.inputs.trainable.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(
+            params, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum
+        )
+        schedule = Schedule(
+            self.optimizer, cfg.epochs, cfg.batch_size, cfg.select, cfg.seed, self.ctx.runtime.amp
+        )
+        self.epochs = ClassifierEpochs(
+            self.inputs.source,
+            self.ctx.data,
+            self.ctx.task,
+            schedule,
+            progress=self.ctx.runtime.progress,
+        )
+
+    def _threads(self):
+        return single_thread(self.ctx.runtime.device) if self.small else contextlib.nullcontext()
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        with self._threads():
+            return self.epochs.train_one_epoch(epoch)
+
+    def evaluate(self, epoch: int) -> dict:
+        with self._threads():
+            return self.epochs.evaluate(epoch)
+
+    def finish(self, folder: RunFolder, state: EpochState) -> dict:
+        with self._threads():
+            outcome = assess(self.ctx, self.network, self.inputs, state)
+        outcome.metrics["seconds"] = dict(self.seconds)
+        write(folder, outcome)
+        return outcome.metrics
+
+    def epoch_line(self, row: dict) -> str:
+        return epoch_line(row)
+
+    def random_state(self) -> dict:
+        return self.epochs.random_state()
+
+    def set_random_state(self, state: dict) -> None:
+        self.epochs.set_random_state(state)
+
+
+class ClassificationFamily:
+    name = "classification"
+
+    def options_from_dict(self, values: dict) -> RunConfig:
+        return RunConfig.from_dict(values)
+
+    def build(self, options: RunConfig, runtime: Runtime, log: Log) -> ClassificationJob:
+        return ClassificationJob(options, runtime, log)
+
+
+FAMILY = ClassificationFamily()
+
+
+def _note_engine_change(folder: RunFolder, runtime: Runtime, log: Log) -> None:
+    before = folder.read_resolved().get("engine", "torch")
+    if before != runtime.engine:
+        log(
+            f"{folder.path}: resuming under engine {runtime.engine} (was {before}); "
+            "features are cached per engine"
+        )
 
 
 def load_data(cfg: RunConfig, runtime: Runtime, options: DataOptions | None = None) -> Context:
@@ -149,79 +172,6 @@ def build_network(ctx: Context) -> XrayClassifier:
     spec = replace(ctx.cfg.model_spec, outputs=ctx.task.outputs)
     network = create_model(spec)
     return network.to(ctx.runtime.device, memory_format=torch.channels_last)
-
-
-def resume(
-    folder: RunFolder, ctx: Context, network: XrayClassifier, overwrite: bool, log: Log
-) -> TrainState:
-    """The state to continue from: a fresh one, or the last finished epoch of an interrupted
-    run of the same settings in ``folder``."""
-    if overwrite and folder.path.exists():
-        shutil.rmtree(folder.path)
-    if folder.is_foreign():
-        raise MedxferError(
-            f"{folder.path}: output folder is not empty and holds no medxfer run "
-            "(use --overwrite to replace it)"
-        )
-    if not folder.has_run():
-        return TrainState()
-    folder.check_same(ctx.cfg)
-    before = folder.read_resolved().get("engine", "torch")
-    if before != ctx.runtime.engine:
-        log(
-            f"{folder.path}: resuming under engine {ctx.runtime.engine} (was {before}); "
-            "features are cached per engine"
-        )
-    checkpoint = folder.file(RunFolder.CHECKPOINT)
-    saved = load_checkpoint_or_none(checkpoint) if checkpoint.exists() else None
-    if saved is None:  # none, or unreadable (warned): start afresh
-        return TrainState()
-    network.load_state_dict(saved["model"])
-    state = TrainState(**saved["state"])
-    log(f"{folder.path}: resuming after epoch {state.epoch}")
-    return state
-
-
-def fit_stage(
-    ctx: Context,
-    network: XrayClassifier,
-    inputs: Inputs,
-    state: TrainState,
-    folder: RunFolder,
-    *,
-    log: Log,
-    handlers: Sequence[Handler] = (),
-) -> TrainState:
-    """The epoch loop; after each epoch the history and a checkpoint of the whole network
-    (a head-only source trains the network's own head) are written."""
-    cfg = ctx.cfg
-    params = [p for p in inputs.trainable.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
-    if state.optimizer:
-        optimizer.load_state_dict(state.optimizer)
-    schedule = Schedule(
-        optimizer, cfg.epochs, cfg.batch_size, cfg.select, cfg.seed, ctx.runtime.amp
-    )
-
-    def save(s: TrainState) -> None:
-        folder.write_history(s.history)
-        folder.write_file(
-            RunFolder.CHECKPOINT,
-            lambda tmp: torch.save({"state": s.__dict__, "model": network.state_dict()}, tmp),
-        )
-        for handler in handlers:
-            handler.epoch_ended(s.history[-1])
-
-    return fit(
-        inputs.source,
-        ctx.data,
-        ctx.task,
-        schedule,
-        state,
-        on_epoch_end=save,
-        progress=ctx.runtime.progress,
-        log=log,
-    )
 
 
 def write(folder: RunFolder, outcome: Assessment) -> None:

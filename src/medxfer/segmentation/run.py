@@ -19,15 +19,16 @@ import pandas as pd
 import torch
 
 from medxfer.data.augment import get_augmentation
-from medxfer.device import amp_dtype, inference_batch_size, select_device, to_input
+from medxfer.device import Runtime, to_input
 from medxfer.run.folder import RunFolder, read_model_file
-from medxfer.run.recorder import EpochState, Recorder, train_in_folder
 from medxfer.segmentation.data import SegmentationData, load_segmentation
 from medxfer.segmentation.engine import Loader, encode_all, evaluate, train_one_epoch
 from medxfer.segmentation.losses import SegmentationLoss
 from medxfer.segmentation.metrics import per_image, summarize
 from medxfer.segmentation.model import SegmentationModel
 from medxfer.segmentation.options import SegmentationOptions, options_from_dict
+from medxfer.training.loop import build_optimizer
+from medxfer.training.trainer import EpochState, Log, Trainer
 
 TASK = "segmentation"
 BN_ADAPT_IMAGES = 2048  # training images whose statistics ``--bn adapt`` uses (as precise BN)
@@ -37,74 +38,122 @@ def train_segmentation(
     options: SegmentationOptions, *, log: Callable[[str], None] = print, overwrite: bool = False
 ) -> Path:
     """Train (or resume, or find finished) the run; return its folder."""
-    return train_in_folder(options, TASK, _train, log=log, overwrite=overwrite)
+    options.validate()
+    return Trainer(FAMILY, options, log=log, overwrite=overwrite).run().path
 
 
-def _train(options: SegmentationOptions, recorder: Recorder, log: Callable[[str], None]) -> None:
-    started = time.perf_counter()
-    device = select_device(options.device)
-    amp = amp_dtype(device, options.amp)
-    data = load_segmentation(options.data, options.image_size, labels=options.label_values)
-    torch.manual_seed(options.seed)
-    model = SegmentationModel(options.model_spec, data.num_classes, options.decoder_width)
-    model.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=options.lr, weight_decay=options.weight_decay)
-    state = recorder.resume(model, optimizer, log)
-    if options.bn == "adapt" and state.epoch == 0:  # a resumed model has them in its weights
-        _adapt_batchnorm(model, data, device)
-    recorder.start(_resolved(options, data, model, device))
-    criterion = SegmentationLoss(
-        options.criterion, ce_weight=options.ce_weight, dice_weight=options.dice_weight
-    )
-    batch = inference_batch_size(options.eval_batch_size, device)
-    loaders = {
-        s: Loader(data.images, data.masks, idx, batch if s != "train" else options.batch_size)
-        for s, idx in data.splits.items()
-    }
-    cache: dict = {"seconds": 0.0, "bytes": 0, "encoded": {}, "criterion": criterion}
-    if options.caches_features:
-        t0 = time.perf_counter()
-        # in float32, as every evaluation (classification's rule): metrics do not depend on amp
-        cache["encoded"] = {s: encode_all(model, loaders[s], device) for s in loaders}
-        cache["encoded"].pop("train")  # training images are augmented afresh every epoch
-        cache["seconds"] = time.perf_counter() - t0
-        cache["bytes"] = sum(f.nbytes for feats in cache["encoded"].values() for f in feats)
-    aug = get_augmentation(options.augment)
-    for epoch in range(state.epoch + 1, options.epochs + 1):
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(options.seed * 1000 + epoch)
-        row: dict = {"epoch": epoch}
-        row["train_loss"] = train_one_epoch(
-            model,
-            criterion,
-            optimizer,
-            loaders["train"],
-            device=device,
-            generator=gen,
-            aug=aug,
-            amp=amp,
+class SegmentationJob:
+    """One segmentation run for the trainer: U-Net decoder on the backbone's taps."""
+
+    def __init__(self, options: SegmentationOptions, runtime: Runtime, log: Log) -> None:
+        self.options, self.runtime, self.started = options, runtime, time.perf_counter()
+        self.data = load_segmentation(options.data, options.image_size, labels=options.label_values)
+        torch.manual_seed(options.seed)
+        model = SegmentationModel(options.model_spec, self.data.num_classes, options.decoder_width)
+        self.network = self.trainable = model.to(runtime.device)
+        self.optimizer = build_optimizer(
+            [p for p in model.parameters() if p.requires_grad],
+            getattr(options, "optimizer", "adam"),
+            options.lr,
+            options.weight_decay,
+            getattr(options, "momentum", 0.9),
         )
+        self.criterion = SegmentationLoss(
+            options.criterion, ce_weight=options.ce_weight, dice_weight=options.dice_weight
+        )
+        batch = runtime.batch_size
+        self.loaders = {
+            s: Loader(
+                self.data.images,
+                self.data.masks,
+                idx,
+                batch if s != "train" else options.batch_size,
+            )
+            for s, idx in self.data.splits.items()
+        }
+        self.cache: dict = {"seconds": 0.0, "bytes": 0, "encoded": {}}
+        self.augmentation = get_augmentation(options.augment)
+
+    def resolved(self) -> dict:
+        return _resolved(self.options, self.data, self.network, self.runtime.device)
+
+    def start(self, resumed: bool) -> None:
+        """``--bn adapt`` (a resumed model has the statistics in its weights), then the cached
+        encoder outputs of the clean val/test images."""
+        if self.options.bn == "adapt" and not resumed:
+            _adapt_batchnorm(self.network, self.data, self.runtime.device)
+        if self.options.caches_features:
+            t0 = time.perf_counter()
+            # in float32, as every evaluation: metrics do not depend on amp
+            encoded = {
+                s: encode_all(self.network, self.loaders[s], self.runtime.device)
+                for s in self.loaders
+                if s != "train"
+            }
+            self.cache["encoded"] = encoded
+            self.cache["seconds"] = time.perf_counter() - t0
+            self.cache["bytes"] = sum(f.nbytes for feats in encoded.values() for f in feats)
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        gen = torch.Generator().manual_seed(self.options.seed * 1000 + epoch)
+        loss = train_one_epoch(
+            self.network,
+            self.criterion,
+            self.optimizer,
+            self.loaders["train"],
+            device=self.runtime.device,
+            generator=gen,
+            aug=self.augmentation,
+            amp=self.runtime.amp,
+        )
+        return {"train_loss": loss}
+
+    def evaluate(self, epoch: int) -> dict:
+        row: dict = {}
         for split in ("val", "test"):
-            if split in loaders:
-                loss, pred = evaluate(
-                    model,
-                    criterion,
-                    loaders[split],
-                    device=device,
-                    encoded=cache["encoded"].get(split),
-                )
-                rows = per_image(pred, data.masks[data.splits[split]], data.num_classes, hd95=False)
+            if split in self.loaders:
+                loss, rows = self._score(split, hd95=False)
                 row[f"{split}_loss"] = loss
                 for name in ("dice", "iou", "pixel_accuracy"):
                     row[f"{split}_{name}"] = float(rows[name].mean())
-        row["seconds"] = time.perf_counter() - t0
-        row["score"] = _selection_score(row, options.select)
-        recorder.end_epoch(state, row, model=model, optimizer=optimizer)
-        log(_epoch_line(row))  # after the checkpoint: an interruption here loses nothing
-    model.load_state_dict(state.best_model)
-    _finish(options, recorder, model, data, state=state, loaders=loaders, cache=cache)
-    log(f"{options.out}: done in {time.perf_counter() - started:.1f} s")
+        row["score"] = _selection_score({"epoch": epoch, **row}, self.options.select)
+        return row
+
+    def _score(self, split: str, *, hd95: bool = True):
+        loss, pred = evaluate(
+            self.network,
+            self.criterion,
+            self.loaders[split],
+            device=self.runtime.device,
+            encoded=self.cache["encoded"].get(split),
+        )
+        masks = self.data.masks[self.data.splits[split]]
+        return loss, per_image(pred, masks, self.data.num_classes, hd95=hd95)
+
+    def finish(self, folder: RunFolder, state: EpochState) -> dict:
+        return _finish(self, folder, state)
+
+    def epoch_line(self, row: dict) -> str:
+        return _epoch_line(row)
+
+    def random_state(self) -> None:
+        return None  # every epoch's draws come from the seed and the epoch
+
+    def set_random_state(self, state: dict) -> None:
+        pass
+
+
+class SegmentationFamily:
+    name = TASK
+
+    def options_from_dict(self, values: dict) -> SegmentationOptions:
+        return options_from_dict(values)
+
+    def build(self, options: SegmentationOptions, runtime: Runtime, log: Log) -> SegmentationJob:
+        return SegmentationJob(options, runtime, log)
+
+
+FAMILY = SegmentationFamily()
 
 
 def load_segmentation_run(run: str | Path) -> tuple[SegmentationModel, dict]:
@@ -139,36 +188,21 @@ def _selection_score(row: dict, select: str) -> float:
     return float(row["epoch"])  # "last", or no validation split
 
 
-def _finish(
-    options: SegmentationOptions,
-    recorder: Recorder,
-    model: SegmentationModel,
-    data: SegmentationData,
-    *,
-    state: EpochState,
-    loaders: dict[str, Loader],
-    cache: dict,
-) -> None:
-    """Evaluate the selected weights on val and test and write the run's result files."""
-    criterion = SegmentationLoss(
-        options.criterion, ce_weight=options.ce_weight, dice_weight=options.dice_weight
-    )
-    device = next(model.parameters()).device
+def _finish(job: SegmentationJob, folder: RunFolder, state: EpochState) -> dict:
+    """Evaluate the selected weights on val and test; write predictions and model.pt."""
+    options, data = job.options, job.data
     results, tables = {}, []
     for split in ("val", "test"):
-        if split not in loaders:
+        if split not in job.loaders:
             continue
-        loss, pred = evaluate(
-            model, criterion, loaders[split], device=device, encoded=cache["encoded"].get(split)
-        )
-        rows = per_image(pred, data.masks[data.splits[split]], data.num_classes)
+        loss, rows = job._score(split)
         results[split] = (loss, rows)
         idx = data.splits[split].tolist()
         files = [data.files[i] for i in idx]
         patients = _patients(data, idx)
         tables.append(pd.DataFrame({"split": split, "file": files, "patient": patients, **rows}))
-    folder = recorder.folder
     folder.write_predictions(pd.concat(tables, ignore_index=True))
+    model = job.network
     saved = {
         "options": asdict(options),
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
@@ -177,7 +211,8 @@ def _finish(
     }
     folder.write_file(RunFolder.MODEL, lambda tmp: torch.save(saved, tmp))
     test_loss, test_rows = results["test"]
-    metrics = {
+    return {
+        "task": TASK,
         "arch": options.arch,
         "mode": options.mode,
         "selected_epoch": state.best_epoch,
@@ -198,13 +233,12 @@ def _finish(
         ),
         "split_sizes": {k: len(v) for k, v in data.splits.items()},
         "feature_cache": {
-            "used": bool(cache["encoded"]),
-            "bytes": cache["bytes"],
-            "seconds": cache["seconds"],
+            "used": bool(job.cache["encoded"]),
+            "bytes": job.cache["bytes"],
+            "seconds": job.cache["seconds"],
         },
-        "device": str(device),
+        "device": str(job.runtime.device),
     }
-    recorder.finish(state, metrics)
 
 
 def _patients(data: SegmentationData, rows: list[int], *, known_only: bool = False):

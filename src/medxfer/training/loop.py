@@ -3,10 +3,7 @@ augmented images through the whole model, or cached backbone features through th
 
 from __future__ import annotations
 
-import copy
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -96,19 +93,6 @@ def _row_map(index: torch.Tensor, size: int) -> torch.Tensor:
     return rows
 
 
-@dataclass
-class TrainState:
-    """What a checkpoint holds: enough to continue the loop exactly where it stopped."""
-
-    epoch: int = 0  # epochs completed
-    history: list[dict] = field(default_factory=list)
-    best_epoch: int = 0
-    best_score: float = float("inf")
-    best_state: dict | None = None
-    optimizer: dict | None = None
-    generators: dict | None = None
-
-
 def build_optimizer(
     params, name: str, lr: float, weight_decay: float, momentum: float
 ) -> torch.optim.Optimizer:
@@ -183,100 +167,98 @@ class Schedule:
     amp: torch.dtype | None = None
 
 
-def fit(
-    source,
-    data,
-    task: Task,
-    schedule: Schedule,
-    state: TrainState,
-    *,
-    on_epoch_end: Callable[[TrainState], None] | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> TrainState:
-    """Train ``source.net`` for the remaining epochs of ``state``; evaluate val/test each epoch.
+class ClassifierEpochs:
+    """One training epoch and one evaluation pass of a classifier, in the style of
+    torchvision's references; ``medxfer.training.trainer.Trainer`` drives them.
 
-    The best epoch (by ``schedule.select`` on validation data only) is kept in
-    ``state.best_state``. ``train_loss`` is the plain (unweighted) loss of the main output, the
-    quantity reported for val/test too; ``train_objective`` is what the optimiser minimised
-    (class-weighted, plus 0.4 x the auxiliary loss for Inception v3).
+    ``train_loss`` is the plain (unweighted) loss of the main output, the quantity reported for
+    val/test too; ``train_objective`` is what the optimiser minimised (class-weighted, plus
+    0.4 x the auxiliary loss for Inception v3). BatchNorm statistics of trainable layers are
+    re-estimated after every epoch ("precise BN"), before evaluation.
     """
-    net, device = source.net, source.device
-    train_idx = data.splits["train"]
-    weights = task.class_weights(data.targets[train_idx]).to(device)
-    order = torch.Generator().manual_seed(schedule.seed)
-    scaler = torch.amp.GradScaler(device.type, enabled=schedule.amp == torch.float16)
-    if state.generators:
-        order.set_state(state.generators["order"])
-        source.generator.set_state(state.generators["source"])
-    targets = data.targets.to(device)
-    optimizer = schedule.optimizer
-    # correct decisions are counted per label entry for multilabel tasks
-    per_row = 1 if targets.ndim == 1 else targets.shape[1]
 
-    for epoch in range(state.epoch + 1, schedule.epochs + 1):
-        started = time.perf_counter()
+    def __init__(self, source, data, task: Task, schedule: Schedule, *, progress: bool = True):
+        self.source, self.data, self.task, self.schedule = source, data, task, schedule
+        self.progress = progress
+        device = source.device
+        self.train_idx = data.splits["train"]
+        self.weights = task.class_weights(data.targets[self.train_idx]).to(device)
+        self.order = torch.Generator().manual_seed(schedule.seed)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=schedule.amp == torch.float16)
+        self.targets = data.targets.to(device)
+
+    def random_state(self) -> dict:
+        return {"order": self.order.get_state(), "source": self.source.generator.get_state()}
+
+    def set_random_state(self, state: dict) -> None:
+        self.order.set_state(state["order"])
+        self.source.generator.set_state(state["source"])
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        net, device, schedule = self.source.net, self.source.device, self.schedule
         net.train()
         # Running sums stay on the device: no host synchronisation inside the epoch.
         sums = torch.zeros(3, device=device, dtype=torch.float64)  # objective, loss, correct
-        seen = 0
-        perm = train_idx[torch.randperm(len(train_idx), generator=order)]
-        batches = perm.split(schedule.batch_size)
-        for chunk in track(
-            batches,
+        perm = self.train_idx[torch.randperm(len(self.train_idx), generator=self.order)]
+        batches = track(
+            perm.split(schedule.batch_size),
             f"epoch {epoch}/{schedule.epochs}",
-            total=len(train_idx),
+            total=len(self.train_idx),
             size=len,
-            enabled=progress,
+            enabled=self.progress,
             phase=False,
-        ):
-            target = targets[chunk.to(device)]
-            with autocast(device, schedule.amp):
-                out = net(source.train_inputs(chunk))
-            logits, aux = out if isinstance(out, tuple) else (out, None)
-            objective = task.loss(logits, target, weights)
-            if aux is not None:  # Inception v3 auxiliary head
-                objective = objective + AUX_LOSS_WEIGHT * task.loss(aux, target, weights)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(objective).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            with torch.no_grad():
-                sums += torch.stack(
-                    [
-                        objective.detach().double(),
-                        task.loss(logits.detach(), target).double(),
-                        task.correct(logits.detach(), target).double() / per_row,
-                    ]
-                ) * torch.tensor([len(chunk), len(chunk), 1.0], device=device, dtype=torch.float64)
-            seen += len(chunk)
-
+        )
+        for chunk in batches:
+            sums += self._step(chunk)
         reestimate_batchnorm(
-            net, source, train_idx, batch_size=schedule.batch_size, device=device, amp=schedule.amp
+            net,
+            self.source,
+            self.train_idx,
+            batch_size=schedule.batch_size,
+            device=device,
+            amp=schedule.amp,
         )
         objective_sum, loss_sum, correct = sums.tolist()
-        row: dict = {
-            "epoch": epoch,
+        seen = len(self.train_idx)
+        return {
             "train_loss": loss_sum / seen,
             "train_objective": objective_sum / seen,
             "train_accuracy": correct / seen,
         }
+
+    def _step(self, chunk: torch.Tensor) -> torch.Tensor:
+        """One optimiser step; returns (objective, loss) x batch size and the correct count."""
+        task, device, optimizer = self.task, self.source.device, self.schedule.optimizer
+        target = self.targets[chunk.to(device)]
+        with autocast(device, self.schedule.amp):
+            out = self.source.net(self.source.train_inputs(chunk))
+        logits, aux = out if isinstance(out, tuple) else (out, None)
+        objective = task.loss(logits, target, self.weights)
+        if aux is not None:  # Inception v3 auxiliary head
+            objective = objective + AUX_LOSS_WEIGHT * task.loss(aux, target, self.weights)
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(objective).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        # correct decisions are counted per label entry for multilabel tasks
+        per_row = 1 if target.ndim == 1 else target.shape[1]
+        with torch.no_grad():
+            return torch.stack(
+                [
+                    objective.detach().double(),
+                    task.loss(logits.detach(), target).double(),
+                    task.correct(logits.detach(), target).double() / per_row,
+                ]
+            ) * torch.tensor([len(chunk), len(chunk), 1.0], device=device, dtype=torch.float64)
+
+    def evaluate(self, epoch: int) -> dict:
+        """Val/test metrics at the default operating point, and the selection score."""
+        row: dict = {}
         for split in ("val", "test"):
-            if split in data.splits:
-                row.update(_split_row(net, source, data, task, split))
-        row["seconds"] = time.perf_counter() - started
-        state.history.append(row)
-        score = _selection_score(row, schedule.select)
-        if score <= state.best_score:
-            state.best_score, state.best_epoch = score, epoch
-            state.best_state = copy.deepcopy(net.state_dict())
-        state.epoch = epoch
-        state.optimizer = optimizer.state_dict()
-        state.generators = {"order": order.get_state(), "source": source.generator.get_state()}
-        log(_epoch_line(row))
-        if on_epoch_end:
-            on_epoch_end(state)
-    return state
+            if split in self.data.splits:
+                row.update(_split_row(self.source.net, self.source, self.data, self.task, split))
+        row["score"] = _selection_score({"epoch": epoch, **row}, self.schedule.select)
+        return row
 
 
 def _split_row(net: nn.Module, source, data, task: Task, split: str) -> dict:
@@ -299,16 +281,16 @@ def _split_row(net: nn.Module, source, data, task: Task, split: str) -> dict:
 
 
 def _selection_score(row: dict, select: str) -> float:
-    """Lower is better. Without a validation split every rule falls back to the last epoch."""
+    """Higher is better. Without a validation split every rule falls back to the last epoch."""
     if select == "val_loss" and "val_loss" in row:
-        return row["val_loss"]
+        return -row["val_loss"]
     auc = row.get("val_roc_auc", row.get("val_macro_roc_auc"))
     if select == "val_auc" and auc is not None:
-        return -auc
-    return -float(row["epoch"])
+        return auc
+    return float(row["epoch"])
 
 
-def _epoch_line(row: dict) -> str:
+def epoch_line(row: dict) -> str:
     parts = [
         f"epoch {row['epoch']:>3}",
         f"train loss {row['train_loss']:.4f}",
