@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medxfer.config import RunConfig
-from medxfer.run.pipeline import train
+from medxfer.classification.run import train
 
 
 def plain_loop(data: Path, epochs: int, batch: int, seed: int) -> dict:

@@ -18,12 +18,12 @@ import pytest
 import torch
 import torchvision
 
+from medxfer.classification.run import train
 from medxfer.config import RunConfig
 from medxfer.models.factory import create_model
 from medxfer.models.spec import PAPER_ARCHS
 from medxfer.models.weights import torchvision_weights
-from medxfer.run.folder import RunFolder
-from medxfer.run.pipeline import train
+from medxfer.storage.folder import RunFolder
 from tests.conftest import LITE0_FILE, make_subset
 
 pytestmark = pytest.mark.integration

@@ -29,7 +29,7 @@ def _entries(folder: Path) -> list[Path]:
 
 
 def _quiet_train(cfg):
-    from medxfer.run.pipeline import train
+    from medxfer.classification.run import train
 
     return train(cfg, progress=False, log=lambda _: None)
 
@@ -181,7 +181,7 @@ def test_corrupt_checkpoint_means_fresh_start(tiny_run, tmp_path):
 def test_checkpoint_that_is_no_dict_is_refused(tmp_path):
     import torch
 
-    from medxfer.checkpoint import load_checkpoint_or_none
+    from medxfer.storage.checkpoint import load_checkpoint_or_none
 
     torch.save([1, 2], tmp_path / "c.pt")
     with pytest.warns(MedxferWarning, match="not a medxfer checkpoint"):

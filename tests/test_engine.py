@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medxfer.cache import read_key
+from medxfer.classification.run import FAMILY, evaluate, train
 from medxfer.config import RunConfig
 from medxfer.data.images import load_image
 from medxfer.device import Runtime
@@ -17,8 +18,7 @@ from medxfer.engine import Engine, OnnxEngine, make_engine, resolve_engine
 from medxfer.errors import MedxferError
 from medxfer.models.factory import create_model
 from medxfer.models.spec import ModelSpec
-from medxfer.run.folder import RunFolder
-from medxfer.run.pipeline import FAMILY, evaluate, train
+from medxfer.storage.folder import RunFolder
 from medxfer.training.features import extract_features
 from medxfer.training.trainer import Trainer
 from tests.conftest import LITE0_FILE, MOBILENET_FILE

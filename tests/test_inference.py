@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from medxfer.classification.run import train
+from medxfer.classification.trained import TrainedModel
 from medxfer.cli import main
 from medxfer.config import RunConfig
 from medxfer.data.images import load_image
@@ -15,9 +17,7 @@ from medxfer.inference.cam import grad_cam, target_layer
 from medxfer.inference.predict import expand_inputs
 from medxfer.models.factory import create_model
 from medxfer.models.spec import PAPER_ARCHS, ModelSpec
-from medxfer.run.folder import RunFolder
-from medxfer.run.pipeline import train
-from medxfer.run.trained import TrainedModel
+from medxfer.storage.folder import RunFolder
 
 pytestmark = pytest.mark.integration
 

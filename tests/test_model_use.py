@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 import medxfer
-from medxfer.run.card import NOTICE
-from medxfer.run.folder import RunFolder
+from medxfer.classification.card import NOTICE
+from medxfer.storage.folder import RunFolder
 
 pytestmark = pytest.mark.integration
 

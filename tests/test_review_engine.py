@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from medxfer.classification.run import train
+from medxfer.classification.trained import TrainedModel
 from medxfer.config import RunConfig
 from medxfer.data.images import load_image
 from medxfer.engine import Engine, OnnxEngine
 from medxfer.errors import MedxferError
 from medxfer.models.factory import create_model
 from medxfer.models.spec import ModelSpec
-from medxfer.run.pipeline import train
-from medxfer.run.trained import TrainedModel
 from medxfer.tasks import make_task
 from medxfer.training.features import adapt_batchnorm, frozen_norms
 from tests.conftest import MOBILENET_FILE, SHARED
@@ -166,8 +166,8 @@ def test_feature_key_names_the_onnxruntime_version(monkeypatch):
     key already names torch, torchvision and timm); the torch engine's key ignores it."""
     import onnxruntime
 
+    from medxfer.classification.inputs import feature_key
     from medxfer.device import Runtime
-    from medxfer.run.inputs import feature_key
 
     def key(engine: str) -> dict:
         cfg = RunConfig(data="d", out="o", engine=engine)

@@ -23,6 +23,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from medxfer.classification.trained import TrainedModel
 from medxfer.cli import main
 from medxfer.config import RunConfig
 from medxfer.data.images import load_image
@@ -31,8 +32,7 @@ from medxfer.errors import MedxferError
 from medxfer.evaluation.metrics import HEADLINE
 from medxfer.inference.cam import overlay
 from medxfer.models.factory import ModelSpec, create_model
-from medxfer.run.folder import RunFolder
-from medxfer.run.trained import TrainedModel
+from medxfer.storage.folder import RunFolder
 from medxfer.tasks import make_task
 from tests.conftest import KERMANY
 

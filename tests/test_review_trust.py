@@ -103,8 +103,8 @@ def test_evaluate_knows_the_runs_data_by_content_not_path(small_kermany, tmp_pat
     were in its training pool); a different dataset keeps its own splits."""
     import shutil
 
+    from medxfer.classification.run import evaluate, train
     from medxfer.config import RunConfig
-    from medxfer.run.pipeline import evaluate, train
     from tests.conftest import make_subset
 
     monkeypatch.chdir(small_kermany.parent)

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
+from medxfer.classification.trained import TrainedModel
 from medxfer.config import RunConfig
 from medxfer.errors import MedxferError
 from medxfer.models.factory import create_model
 from medxfer.models.spec import ModelSpec
-from medxfer.run.folder import RunFolder
-from medxfer.run.trained import TrainedModel
+from medxfer.storage.folder import RunFolder
 
 
 def test_config_module_imports_no_torch():

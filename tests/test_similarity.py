@@ -133,8 +133,8 @@ def test_similarity_command_on_real_images(small_kermany, tmp_path):
 
 @pytest.fixture(scope="module")
 def finetuned_run(small_kermany, tmp_path_factory):
+    from medxfer.classification.run import train
     from medxfer.config import RunConfig
-    from medxfer.run.pipeline import train
 
     return train(
         RunConfig(

@@ -1,5 +1,5 @@
 """The run-folder rules that segmentation and detection share with classification
-(``medxfer.run.recorder``): --overwrite only once the new run's options and data are good and
+(``medxfer.training.trainer``): --overwrite only once the new run's options and data are good and
 the folder's lock is held, the one command shape, and classification's verbs on their runs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from medxfer.cli import _task_family_alias, main
 from medxfer.detection.data import load_detection_data
 from medxfer.errors import MedxferError
 from medxfer.locking import run_folder_lock
-from medxfer.run.folder import RunFolder
+from medxfer.storage.folder import RunFolder
 from tests.test_detection import bccd_csv, needs_bccd  # noqa: F401 - fixture
 from tests.test_segmentation import LUNG, lung_manifest, trained_run  # noqa: F401 - fixtures
 

@@ -25,14 +25,14 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from medxfer.classification.run import evaluate, train
+from medxfer.classification.trained import TrainedModel
 from medxfer.cli import main
 from medxfer.config import RunConfig
 from medxfer.data.images import load_image
 from medxfer.data.manifest import KERMANY_SUBTYPE_REGEX, write_manifest
 from medxfer.errors import MedxferError
-from medxfer.run.folder import RunFolder
-from medxfer.run.pipeline import evaluate, train
-from medxfer.run.trained import TrainedModel
+from medxfer.storage.folder import RunFolder
 from tests.conftest import KERMANY, SHARED
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import medxfer
-from medxfer.run.folder import RunFolder
+from medxfer.storage.folder import RunFolder
 from medxfer.study.execute import run_study
 from medxfer.study.spec import load_study
 

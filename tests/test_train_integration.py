@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from medxfer.classification.run import evaluate, train
+from medxfer.classification.trained import TrainedModel
 from medxfer.cli import main
 from medxfer.config import RunConfig
 from medxfer.models.factory import create_model
 from medxfer.models.stages import backbone_stages
-from medxfer.run.folder import RunFolder
-from medxfer.run.pipeline import evaluate, train
-from medxfer.run.trained import TrainedModel
+from medxfer.storage.folder import RunFolder
 from tests.conftest import MOBILENET_FILE, make_subset
 
 pytestmark = pytest.mark.integration

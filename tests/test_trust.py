@@ -12,12 +12,12 @@ import pytest
 import torch
 from sklearn.metrics import log_loss
 
+from medxfer.classification.run import evaluate, train
 from medxfer.config import RunConfig
 from medxfer.data.prepared import DataOptions, prepare_data
 from medxfer.device import Runtime, to_input
 from medxfer.models.factory import create_model
 from medxfer.models.spec import ModelSpec
-from medxfer.run.pipeline import evaluate, train
 from medxfer.tasks import make_task
 from medxfer.training.features import adapt_batchnorm, frozen_norms
 
@@ -165,9 +165,9 @@ def test_evaluate_uses_the_runs_own_splits(small_kermany, tmp_path):
 
 @pytest.mark.integration
 def test_feature_cache_keys_every_setting(small_kermany, tmp_path):
-    from medxfer.run.context import Context
-    from medxfer.run.inputs import feature_key
-    from medxfer.run.pipeline import load_data
+    from medxfer.classification.context import Context
+    from medxfer.classification.inputs import feature_key
+    from medxfer.classification.run import load_data
 
     cfg = RunConfig(data=str(small_kermany), out=str(tmp_path / "r"), image_size=64)
     ctx = load_data(cfg, Runtime.create("cpu", progress=False))

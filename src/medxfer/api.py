@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from medxfer.run.folder import RunFolder
-    from medxfer.run.trained import TrainedModel
+    from medxfer.classification.trained import TrainedModel
+    from medxfer.storage.folder import RunFolder
     from medxfer.tracking import Handler
 
 
@@ -33,9 +33,9 @@ def train(
     """Train (or resume, or find finished) one run; ``options`` are ``medxfer train``'s options
     with underscores (``arch``, ``mode``, ``epochs``, ``image_size``, ``track``, ...);
     ``task="segmentation"`` or ``"detection"`` takes ``medxfer segment|detect train``'s."""
+    from medxfer.classification.run import train as run_pipeline
     from medxfer.config import RunConfig
-    from medxfer.run.families import family_of
-    from medxfer.run.pipeline import train as run_pipeline
+    from medxfer.families import family_of
 
     if family_of(options) != "classification":
         if handlers:
@@ -55,9 +55,9 @@ def train(
 
 
 def _train_task(data, out, *, quiet: bool, overwrite: bool, **options: Any) -> RunFolder:
-    """A segmentation or detection run (``medxfer.run.families``)."""
-    from medxfer.run.families import train_run
-    from medxfer.run.folder import RunFolder
+    """A segmentation or detection run (``medxfer.families``)."""
+    from medxfer.families import train_run
+    from medxfer.storage.folder import RunFolder
 
     options = {**options, "data": str(data), "out": str(out)}
     log = (lambda _msg: None) if quiet else print
@@ -67,7 +67,7 @@ def _train_task(data, out, *, quiet: bool, overwrite: bool, **options: Any) -> R
 def load(run: str | Path) -> TrainedModel:
     """The trained model of a finished run folder (or a ``model.pt``), with ``predict``,
     ``cam`` and ``export``."""
-    from medxfer.run.trained import TrainedModel
+    from medxfer.classification.trained import TrainedModel
 
     return TrainedModel.load(run)
 

@@ -319,7 +319,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from medxfer.atomic import write_json
-    from medxfer.run.pipeline import evaluate
+    from medxfer.classification.run import evaluate
 
     result = evaluate(
         args.run,
@@ -368,7 +368,8 @@ def _manifest(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from medxfer.models.factory import PAPER_ARCHS
-    from medxfer.models.weights import torchvision_archs, torchvision_weights
+    from medxfer.models.spec import torchvision_archs
+    from medxfer.models.weights import torchvision_weights
 
     names = torchvision_archs() if args.all else list(PAPER_ARCHS)
     print(f"{'architecture':<28}{'weights file':<40}available here")
@@ -389,10 +390,10 @@ def _models(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from medxfer.atomic import write_json, write_with
+    from medxfer.classification.trained import TrainedModel
     from medxfer.device import select_device
     from medxfer.inference.cam import write_cams
     from medxfer.inference.predict import expand_inputs, predict_files
-    from medxfer.run.trained import TrainedModel
 
     model = TrainedModel.load(args.run)
     files = expand_inputs(args.inputs)
@@ -662,7 +663,7 @@ def _add_detect_parser(sub) -> None:
 
 
 def _family_train(args: argparse.Namespace) -> int:
-    from medxfer.run.families import train_run
+    from medxfer.families import train_run
 
     options = {f.name: getattr(args, f.name) for f in fields(args.options_class)}
     options["task"] = args.family

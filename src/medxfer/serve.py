@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from medxfer.classification.card import NOTICE, model_summary
+from medxfer.classification.trained import TrainedModel
 from medxfer.errors import MedxferError
-from medxfer.run.card import NOTICE, model_summary
-from medxfer.run.trained import TrainedModel
 
 MAX_FILES = 16
 MAX_BYTES = 32 * 1024 * 1024  # per file: a large DICOM fits, a mistaken upload does not

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 from medxfer.errors import MedxferError
 
 if TYPE_CHECKING:
-    from medxfer.run.folder import RunFolder
+    from medxfer.storage.folder import RunFolder
 
 STORE = "mlflow.db"
 ARTIFACTS = "mlartifacts"
@@ -216,7 +216,7 @@ def study_tracking(name: str, out: Path, base: dict[str, Any]) -> Iterator[str |
     if base.get("track", "none") != "mlflow":
         yield None
         return
-    from medxfer.run.folder import RunFolder
+    from medxfer.storage.folder import RunFolder
 
     folder = RunFolder(out)
     uri = store_uri(base.get("tracking_uri"), out)

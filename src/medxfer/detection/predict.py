@@ -18,7 +18,7 @@ from medxfer.detection.model import DetectorSpec, build_detector
 from medxfer.device import select_device
 from medxfer.errors import MedxferError
 from medxfer.inference.predict import check_outputs_apart, expand_inputs, unique_stem
-from medxfer.run.folder import read_model_file
+from medxfer.storage.folder import read_model_file
 
 COLUMNS = ["file", "picture", "label", "score", "xmin", "ymin", "xmax", "ymax", "error"]
 COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "white"]

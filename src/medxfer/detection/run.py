@@ -1,13 +1,10 @@
-"""One detection run end to end: boxes -> detector -> epochs -> run folder.
+"""The detection family: one run on the trainer (``medxfer.training.trainer``).
 
-The run folder is classification's, kept by the skeleton segmentation shares
-(``medxfer.run.recorder``): ``config.json``, ``history.csv`` (per epoch: train losses,
-validation mAP), ``model.pt`` (best epoch by validation mAP@0.5, with its ``DetectorSpec``),
-``predictions.csv`` (every test box, true and predicted: the paired comparisons of a study
-recompute mAP from it), and ``metrics.json`` last (selected epoch, test mAP overall and per
-class with 95% intervals, clipped/dropped box counts). ``checkpoint.pt`` holds the last
-finished epoch while training, so rerunning the same options resumes; other options on the
-same folder are refused.
+boxes -> detector -> epochs -> run folder: ``config.json``, ``history.csv`` (per epoch: train
+losses, validation mAP), ``model.pt`` (best epoch by validation mAP@0.5, with its
+``DetectorSpec``), ``predictions.csv`` (every test box, true and predicted: the paired
+comparisons of a study recompute mAP from it), and ``metrics.json`` last (selected epoch, test
+mAP overall and per class with 95% intervals, clipped/dropped box counts).
 """
 
 from __future__ import annotations
@@ -24,15 +21,21 @@ from torchvision.transforms import v2
 from medxfer.detection.data import DetectionData, box_scales, decode_rgb, load_detection_data
 from medxfer.detection.engine import detect, evaluate, train_one_epoch
 from medxfer.detection.metrics import (
+    SUMMARY,
     DetectionScores,
+    align,
     box_table,
     detection_intervals,
     match_boxes,
+    mean_average_precision,
+    paired_detection,
 )
 from medxfer.detection.model import DetectorSpec, anchors_from_boxes, build_detector
 from medxfer.detection.options import DetectionOptions, options_from_dict
 from medxfer.device import Runtime
-from medxfer.run.folder import RunFolder
+from medxfer.errors import MedxferError
+from medxfer.evaluation.paired import minus
+from medxfer.storage.folder import RunFolder
 from medxfer.training.trainer import EpochState, Log, Trainer
 
 TASK = "detection"
@@ -160,6 +163,39 @@ class DetectionFamily:
 
     def build(self, options: DetectionOptions, runtime: Runtime, log: Log) -> DetectionJob:
         return DetectionJob(options, runtime, log)
+
+    def paired(self, folders: tuple[RunFolder, RunFolder], resamples: int, seed: int) -> list:
+        """Test mAP of both runs recomputed from their box tables, the difference with a
+        paired image bootstrap (COCO's matching on each resample)."""
+        classes = [f.read_resolved()["detector"]["classes"] for f in folders]
+        if classes[0] != classes[1]:
+            raise MedxferError(f"other classes ({classes[0]} and {classes[1]})")
+        a, b = (match_boxes(f.read_predictions("test"), classes[0]) for f in folders)
+        if resamples:
+            found = paired_detection(a, b, resamples=resamples, seed=seed)
+        else:  # no bootstrap asked for: the values and their difference only
+            found = {
+                "values_a": mean_average_precision(a),
+                "values_b": mean_average_precision(align(a, b)),
+            }
+        rows = []
+        for metric in SUMMARY:
+            low, high = (found.get("intervals") or {}).get(metric) or (None, None)
+            value_a, value_b = found["values_a"][metric], found["values_b"][metric]
+            rows.append(
+                {
+                    "metric": metric,
+                    "value_a": value_a,
+                    "value_b": value_b,
+                    "diff": minus(value_b, value_a),
+                    "ci_low": low,
+                    "ci_high": high,
+                    "p_value": (found.get("p_values") or {}).get(metric),
+                    "test": "paired bootstrap" if resamples else None,
+                    "interval": f"{found['method']}, {resamples} resamples" if resamples else None,
+                }
+            )
+        return rows
 
 
 FAMILY = DetectionFamily()

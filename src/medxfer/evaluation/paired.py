@@ -141,3 +141,12 @@ def holm(p_values) -> np.ndarray:
     adjusted = np.empty_like(p)
     adjusted[order] = np.minimum(stepped, 1.0)
     return adjusted
+
+
+def minus(b, a) -> float | None:
+    """``b - a``, or None where either is missing (None or NaN): an undefined difference."""
+    if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
+        return None
+    if isinstance(b, float) and math.isnan(b):
+        return None
+    return float(b) - float(a)

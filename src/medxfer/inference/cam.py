@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,7 +13,9 @@ from torch import nn
 from medxfer.atomic import write_with
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.stages import backbone_stages
-from medxfer.run.trained import TrainedModel
+
+if TYPE_CHECKING:  # inference takes a trained model; it never loads one
+    from medxfer.classification.trained import TrainedModel
 
 NEGATIVE = -1  # Grad-CAM target: the negative class of a one-logit binary model
 

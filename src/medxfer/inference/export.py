@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from medxfer.atomic import write_json, write_with
 from medxfer.errors import MedxferError
-from medxfer.run.card import NOTICE, model_summary
-from medxfer.run.trained import TrainedModel
+
+if TYPE_CHECKING:  # inference takes a trained model; it never loads one
+    from medxfer.classification.trained import TrainedModel
 
 
 class ProbabilityModel(nn.Module):
@@ -34,8 +36,11 @@ class ProbabilityModel(nn.Module):
         return torch.softmax(logits, dim=1) if self.softmax else torch.sigmoid(logits)
 
 
-def export_model(model: TrainedModel, out: Path, fmt: str, dynamic_batch: bool = True) -> Path:
-    """Write the model as ``fmt`` (onnx | torchscript) to ``out``, plus ``out``.json metadata."""
+def export_model(
+    model: TrainedModel, out: Path, fmt: str, card: dict, dynamic_batch: bool = True
+) -> Path:
+    """Write the model as ``fmt`` (onnx | torchscript) to ``out``, plus ``out``.json metadata
+    with ``card``, the model card's summary (its ``notice`` first)."""
     size = model.resolution
     model.network.cpu().float()
     wrapper = ProbabilityModel(model).eval()
@@ -68,8 +73,8 @@ def export_model(model: TrainedModel, out: Path, fmt: str, dynamic_batch: bool =
             },
             "output": {"name": "probability", "shape": output_shape, "meaning": meaning},
             **model.describe(),
-            "notice": NOTICE,
-            "model_card": model_summary(model),
+            "notice": card["notice"],
+            "model_card": card,
         },
     )
     return out

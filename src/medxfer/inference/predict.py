@@ -6,6 +6,7 @@ import glob
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,9 @@ from medxfer.data.images import (
 )
 from medxfer.errors import MedxferError
 from medxfer.progress import track
-from medxfer.run.trained import TrainedModel
+
+if TYPE_CHECKING:  # inference takes a trained model; it never loads one
+    from medxfer.classification.trained import TrainedModel
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:

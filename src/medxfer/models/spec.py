@@ -75,13 +75,18 @@ def check_arch(arch: str) -> None:
         if not timm.is_model(arch[5:]):
             raise MedxferError(f"unknown timm architecture {arch[5:]!r}")
         return
-    from medxfer.models.weights import torchvision_archs
-
     if arch not in torchvision_archs():
         raise MedxferError(
             f"unknown architecture {arch!r}: use a torchvision classifier name "
             f"(see `medxfer models`) or timm/NAME"
         )
+
+
+def torchvision_archs() -> list[str]:
+    """torchvision's classifier names (torchvision imported only when asked)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def default_image_size(arch: str) -> int:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torchvision.models import get_model_weights
 
 from medxfer.models.spec import DEFAULT_TAG
@@ -45,10 +44,6 @@ def torchvision_weights(arch: str, tag: str = DEFAULT_TAG) -> TorchvisionWeights
         return TorchvisionWeights(enum[tag])
     except KeyError:
         return TorchvisionWeights(enum.DEFAULT)
-
-
-def torchvision_archs() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def missing_weights_message(arch: str, weights: TorchvisionWeights, cause: BaseException) -> str:

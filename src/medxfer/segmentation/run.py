@@ -1,11 +1,9 @@
-"""One segmentation run end to end: data -> model -> epochs -> run folder.
+"""The segmentation family: one run on the trainer (``medxfer.training.trainer``).
 
-The run folder is classification's (``medxfer.run.folder``), kept by the skeleton that
-detection shares (``medxfer.run.recorder``): ``config.json``, ``history.csv``,
-``predictions.csv`` (per validation and test image: ``split``, ``file``, ``patient`` and each
-metric), ``model.pt``, and ``metrics.json`` written last to mark the run complete;
-``checkpoint.pt`` holds the last finished epoch while training, and rerunning the same
-options resumes from it.
+data -> U-Net decoder on the backbone's taps -> epochs -> run folder: ``config.json``,
+``history.csv``, ``predictions.csv`` (per validation and test image: ``split``, ``file``,
+``patient`` and each metric), ``model.pt``, and ``metrics.json`` written last; the trainer
+resumes an interrupted run from ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -20,13 +18,14 @@ import torch
 
 from medxfer.data.augment import get_augmentation
 from medxfer.device import Runtime, to_input
-from medxfer.run.folder import RunFolder, read_model_file
+from medxfer.errors import MedxferError
 from medxfer.segmentation.data import SegmentationData, load_segmentation
 from medxfer.segmentation.engine import Loader, encode_all, evaluate, train_one_epoch
 from medxfer.segmentation.losses import SegmentationLoss
-from medxfer.segmentation.metrics import per_image, summarize
+from medxfer.segmentation.metrics import paired_segmentation, per_image, summarize
 from medxfer.segmentation.model import SegmentationModel
 from medxfer.segmentation.options import SegmentationOptions, options_from_dict
+from medxfer.storage.folder import RunFolder, known_patients, read_model_file
 from medxfer.training.loop import build_optimizer
 from medxfer.training.trainer import EpochState, Log, Trainer
 
@@ -151,6 +150,15 @@ class SegmentationFamily:
 
     def build(self, options: SegmentationOptions, runtime: Runtime, log: Log) -> SegmentationJob:
         return SegmentationJob(options, runtime, log)
+
+    def paired(self, folders: tuple[RunFolder, RunFolder], resamples: int, seed: int) -> list:
+        """Per-image differences of the two runs' test rows (``paired_segmentation``)."""
+        pa, pb = (f.read_predictions("test") for f in folders)
+        if not (pa.file.is_unique and pb.file.is_unique) or set(pa.file) != set(pb.file):
+            raise MedxferError(f"not the same test images ({len(pa)} and {len(pb)})")
+        pb = pb.set_index("file").loc[pa.file].reset_index()
+        groups = known_patients(pa)
+        return paired_segmentation(pa, pb, groups=groups, resamples=resamples, seed=seed)
 
 
 FAMILY = SegmentationFamily()

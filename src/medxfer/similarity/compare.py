@@ -72,7 +72,7 @@ def measure(
     stratified by class); ``similarity.json`` lists the files used.
     """
     device = select_device(device_name)
-    from medxfer.run.trained import TrainedModel
+    from medxfer.classification.trained import TrainedModel
 
     trained = TrainedModel.load(run) if run else None
     cfg = trained.config if trained else None

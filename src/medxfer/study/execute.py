@@ -17,9 +17,9 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from medxfer.errors import MedxferError
+from medxfer.families import check_same_run, train_run
 from medxfer.locking import LockHeld, exclusive_lock
-from medxfer.run.families import check_same_run, train_run
-from medxfer.run.folder import RunFolder
+from medxfer.storage.folder import RunFolder
 from medxfer.study.compare import save_settings, write_comparisons
 from medxfer.study.spec import Cell, Study
 from medxfer.study.table import write_results

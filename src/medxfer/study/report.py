@@ -21,8 +21,8 @@ import pandas as pd
 from medxfer.atomic import write_text, write_with
 from medxfer.errors import MedxferError
 from medxfer.evaluation.metrics import HEADLINE
-from medxfer.run.families import family_of, options_class
-from medxfer.run.folder import RunFolder
+from medxfer.families import family_of, options_class
+from medxfer.storage.folder import RunFolder
 from medxfer.study.compare import POOLED, read_comparisons
 from medxfer.study.paper_values import COLUMNS, paper_value
 from medxfer.study.table import collect, experiment_of, label, summarize, varying

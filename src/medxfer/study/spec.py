@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from medxfer.errors import MedxferError
+from medxfer.families import build_options, family_of, option_names
 from medxfer.models.factory import ModelSpec
 from medxfer.models.weights import torchvision_weights
-from medxfer.run.families import build_options, family_of, option_names
 from medxfer.study.table import COLUMN_OF, EXPERIMENT
 
 

@@ -21,8 +21,8 @@ import pandas as pd
 
 from medxfer.atomic import write_with
 from medxfer.evaluation.metrics import HEADLINE, scalar_metrics
-from medxfer.run.families import FAMILIES, options_class
-from medxfer.run.folder import RunFolder
+from medxfer.families import FAMILIES, options_class
+from medxfer.storage.folder import RunFolder
 
 TABLE = "results"
 SUMMARY = "summary"

@@ -20,11 +20,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from medxfer.checkpoint import load_checkpoint_or_none
 from medxfer.device import Runtime
 from medxfer.errors import MedxferError
 from medxfer.locking import run_folder_lock
-from medxfer.run.folder import RunFolder
+from medxfer.storage.checkpoint import load_checkpoint_or_none
+from medxfer.storage.folder import RunFolder
 from medxfer.tracking import Handler, check_store, configured_handlers
 
 Log = Callable[[str], None]

@@ -18,8 +18,7 @@ from medxfer.device import inference_batch_size, to_input
 from medxfer.engine import Engine, make_engine, own_engine, resolve_engine
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
-from medxfer.run.families import refuse_other_family
-from medxfer.run.folder import RunFolder, read_model_file
+from medxfer.storage.folder import RunFolder, read_model_file
 from medxfer.tasks import Task, make_task
 
 MODEL_FORMAT = 2
@@ -68,7 +67,6 @@ class TrainedModel:
         """From a run folder or a ``model.pt``; the network in eval mode on the CPU."""
         path = Path(source)
         if path.is_dir():
-            refuse_other_family(path)
             path = path / RunFolder.MODEL
         saved = read_model_file(path, ("state_dict", "config"), "a medxfer model file")
         saved = saved if saved.get("format") == MODEL_FORMAT else _from_first_format(saved, path)
@@ -171,10 +169,11 @@ class TrainedModel:
     def export(self, path: str | Path, format: str = "onnx", *, dynamic_batch: bool = True) -> Path:
         """``format`` onnx or torchscript at ``path`` (+ ``.json`` metadata with the model card
         summary); also logged to the run's MLflow run when the run was tracked."""
+        from medxfer.classification.card import model_summary
         from medxfer.inference.export import export_model
         from medxfer.tracking import log_files
 
-        out = export_model(self, Path(path), format, dynamic_batch)
+        out = export_model(self, Path(path), format, model_summary(self), dynamic_batch)
         if self.source is not None:
             log_files(RunFolder(self.source), [out, Path(f"{out}.json")])
         return out

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medxfer.classification.context import Assessment, Context, Inputs
+from medxfer.classification.trained import TrainedModel
 from medxfer.config import RunConfig
 from medxfer.data.prepared import PreparedData
 from medxfer.errors import MedxferError
@@ -16,15 +18,12 @@ from medxfer.evaluation.intervals import bootstrap_intervals
 from medxfer.evaluation.metrics import scalar_metrics, task_metrics
 from medxfer.evaluation.thresholds import choose_threshold
 from medxfer.models.classifier import XrayClassifier
-from medxfer.run.context import Assessment, Context, Inputs
-from medxfer.run.trained import TrainedModel
 from medxfer.tasks import Task
 from medxfer.training.loop import predict_logits
 from medxfer.training.trainer import EpochState
 
 
-def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: EpochState
-) -> Assessment:
+def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: EpochState) -> Assessment:
     """Everything chosen on validation data (temperature, operating points), then the test
     metrics with intervals, the predictions of both splits, and the trained model."""
     cfg, data, task = ctx.cfg, ctx.data, ctx.task

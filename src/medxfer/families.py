@@ -1,6 +1,6 @@
 """The three kinds of run medxfer trains, and the one place that tells them apart.
 
-Classification (``medxfer.run.pipeline``, options ``RunConfig``), segmentation
+Classification (``medxfer.classification.run``, options ``RunConfig``), segmentation
 (``medxfer.segmentation.run``, ``SegmentationOptions``) and detection
 (``medxfer.detection.run``, ``DetectionOptions``). The command line, a study's cells and its
 tables pick a run's code here: by the ``task`` of its options (``segmentation``,
@@ -58,7 +58,7 @@ def family(name: str):
     elif name == "detection":
         from medxfer.detection.run import FAMILY
     else:
-        from medxfer.run.pipeline import FAMILY
+        from medxfer.classification.run import FAMILY
     return FAMILY
 
 
@@ -88,7 +88,7 @@ def refuse_other_family(run: str | Path) -> None:
     """Classification's commands on a segmentation or detection run: say which commands it
     takes instead of failing on its model file."""
     from medxfer.errors import MedxferError
-    from medxfer.run.folder import RunFolder
+    from medxfer.storage.folder import RunFolder
 
     folder = RunFolder(run)
     if not folder.file(RunFolder.CONFIG).is_file():

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from medxfer.classification.trained import TrainedModel
 from medxfer.config import RunConfig
 from medxfer.data.prepared import PreparedData
 from medxfer.device import Runtime
-from medxfer.run.trained import TrainedModel
 from medxfer.tasks import Task
 from medxfer.training.loop import (
     FeatureSource,

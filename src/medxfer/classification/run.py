@@ -16,6 +16,11 @@ from pathlib import Path
 
 import torch
 
+from medxfer.classification.assess import assess, metric_thresholds
+from medxfer.classification.card import write_model_card
+from medxfer.classification.context import Assessment, Context, Inputs, Log
+from medxfer.classification.inputs import prepare_inputs
+from medxfer.classification.trained import TrainedModel
 from medxfer.config import RunConfig
 from medxfer.data.augment import get_augmentation
 from medxfer.data.cache import default_cache_dir
@@ -28,12 +33,7 @@ from medxfer.evaluation.metrics import task_metrics
 from medxfer.figures import reliability_diagram
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import create_model, weights_digest
-from medxfer.run.assess import assess, metric_thresholds
-from medxfer.run.card import write_model_card
-from medxfer.run.context import Assessment, Context, Inputs, Log
-from medxfer.run.folder import RunFolder
-from medxfer.run.inputs import prepare_inputs
-from medxfer.run.trained import TrainedModel
+from medxfer.storage.folder import RunFolder
 from medxfer.tasks import make_task
 from medxfer.tracking import Handler
 from medxfer.training.loop import ClassifierEpochs, Schedule, build_optimizer, epoch_line
@@ -136,6 +136,11 @@ class ClassificationFamily:
 
     def build(self, options: RunConfig, runtime: Runtime, log: Log) -> ClassificationJob:
         return ClassificationJob(options, runtime, log)
+
+    def paired(self, folders: tuple[RunFolder, RunFolder], resamples: int, seed: int) -> list:
+        from medxfer.classification.paired import paired_rows
+
+        return paired_rows(folders, resamples, seed)
 
 
 FAMILY = ClassificationFamily()

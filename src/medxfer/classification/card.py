@@ -11,11 +11,11 @@ import pandas as pd
 
 from medxfer.config import RunConfig
 from medxfer.evaluation.metrics import HEADLINE
-from medxfer.run.folder import RunFolder
+from medxfer.storage.folder import RunFolder
 
 if TYPE_CHECKING:
-    from medxfer.run.context import Assessment
-    from medxfer.run.trained import TrainedModel
+    from medxfer.classification.context import Assessment
+    from medxfer.classification.trained import TrainedModel
 
 NOTICE = "Research use only, not a medical device."
 MODES = {

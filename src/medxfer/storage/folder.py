@@ -152,6 +152,15 @@ class RunFolder:
         write_json(self.file(self.METRICS), metrics)
 
 
+def known_patients(predictions: pd.DataFrame):
+    """The rows' patients (numpy text array) for a cluster bootstrap; None where every row is
+    its own patient (``file:NAME``, what runs write when patients are unknown)."""
+    if "patient" not in predictions:
+        return None
+    patients = predictions.patient.astype(str).to_numpy()
+    return None if all(p.startswith("file:") for p in patients) else patients
+
+
 def read_model_file(source: str | Path, required: tuple[str, ...], kind: str) -> dict:
     """The dict saved in a run's ``model.pt`` (``source``: the run folder or the file), or one
     line saying it is missing, unreadable, or not ``kind`` (it lacks a key of ``required``)."""

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from medxfer.classification.context import Context, Inputs
 from medxfer.data.augment import get_augmentation
 from medxfer.data.cache import DECODER_VERSION
 from medxfer.data.prepared import PreparedData
@@ -14,7 +15,6 @@ from medxfer.device import Runtime
 from medxfer.engine import GRAPH_VERSION, make_engine
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import weights_digest
-from medxfer.run.context import Context, Inputs
 from medxfer.training.features import (
     FeatureCache,
     View,

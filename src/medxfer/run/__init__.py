@@ -1,2 +1,0 @@
-"""A run: its folder (``RunFolder``), its trained model (``TrainedModel``) and the pipeline that
-makes them (``train``, ``evaluate``)."""
