@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from medxfer.classification.trained import TrainedModel
     from medxfer.storage.folder import RunFolder
     from medxfer.tracking import Handler
 
@@ -32,44 +31,79 @@ def train(
 ) -> RunFolder:
     """Train (or resume, or find finished) one run; ``options`` are ``medxfer train``'s options
     with underscores (``arch``, ``mode``, ``epochs``, ``image_size``, ``track``, ...);
-    ``task="segmentation"`` or ``"detection"`` takes ``medxfer segment|detect train``'s."""
-    from medxfer.classification.run import train as run_pipeline
-    from medxfer.config import RunConfig
-    from medxfer.families import family_of
+    ``task="segmentation"`` or ``"detection"`` takes ``medxfer segment|detect train``'s.
+    ``handlers`` (``medxfer.tracking.Handler``) hear of the start, each epoch and the end."""
+    from medxfer.families import build_options, family, family_of
+    from medxfer.training.trainer import Trainer
 
-    if family_of(options) != "classification":
-        if handlers:
-            from medxfer.errors import MedxferError
-
-            raise MedxferError("handlers: only classification runs report to handlers")
-        return _train_task(data, out, quiet=quiet, overwrite=overwrite, **options)
-
-    cfg = RunConfig(data=str(data), out=str(out), **options)
-    return run_pipeline(
-        cfg,
+    values = {**options, "data": str(data), "out": str(out)}
+    trainer = Trainer(
+        family(family_of(values)),
+        build_options(values),
+        log=(lambda _msg: None) if quiet else print,
         progress=not quiet,
         overwrite=overwrite,
-        log=(lambda _msg: None) if quiet else print,
         handlers=handlers,
     )
+    return trainer.run()
 
 
-def _train_task(data, out, *, quiet: bool, overwrite: bool, **options: Any) -> RunFolder:
-    """A segmentation or detection run (``medxfer.families``)."""
-    from medxfer.families import train_run
+def load(run: str | Path) -> Any:
+    """The trained model of a finished run folder (or a ``model.pt``) of any task: a
+    ``TrainedModel`` (classification: ``predict``, ``cam``, ``export``), a
+    ``TrainedSegmenter`` or a ``TrainedDetector`` (``predict``, ``export``, ``evaluate``)."""
+    from medxfer.families import load_trained
+
+    return load_trained(run)
+
+
+def evaluate(
+    run: str | Path,
+    data: str | Path,
+    *,
+    split: str = "test",
+    threshold: float | None = None,
+    device: str = "auto",
+    engine: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Metrics of a finished run's model on ``split`` of a dataset, for any task;
+    ``threshold`` and ``engine`` (default: the run's own) apply to classification runs."""
+    from medxfer.classification.run import evaluate as evaluate_classifier
+    from medxfer.errors import MedxferError
+
+    made_by = _family_of_run(run)
+    if made_by == "classification":
+        return evaluate_classifier(
+            run,
+            str(data),
+            split=split,
+            threshold=threshold,
+            device_name=device,
+            engine=engine,
+            progress=progress,
+        )
+    if threshold is not None or engine is not None:
+        raise MedxferError(f"{run}: --threshold and --engine apply to classification runs")
+    return {"run": str(run), **load(run).evaluate(data, split, device=device)}
+
+
+def load_classifier(run: str | Path) -> Any:
+    """The ``TrainedModel`` of a classification run; a run of another family is refused with
+    the command it takes (``medxfer segment predict|export``, ``medxfer detect ...``)."""
+    from medxfer.families import refuse_other_family
+
+    refuse_other_family(run)
+    return load(run)
+
+
+def _family_of_run(run: str | Path) -> str:
     from medxfer.storage.folder import RunFolder
+    from medxfer.storage.model_file import read_model_file
 
-    options = {**options, "data": str(data), "out": str(out)}
-    log = (lambda _msg: None) if quiet else print
-    return RunFolder(train_run(options, log=log, overwrite=overwrite))
-
-
-def load(run: str | Path) -> TrainedModel:
-    """The trained model of a finished run folder (or a ``model.pt``), with ``predict``,
-    ``cam`` and ``export``."""
-    from medxfer.classification.trained import TrainedModel
-
-    return TrainedModel.load(run)
+    path = Path(run)
+    folder = RunFolder(path if path.is_dir() else path.parent)
+    return folder.family() if folder.has_run() else read_model_file(path).family
 
 
 def run_study(

@@ -318,15 +318,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from medxfer.api import evaluate
     from medxfer.atomic import write_json
-    from medxfer.classification.run import evaluate
 
     result = evaluate(
         args.run,
         args.data,
         split=args.split,
         threshold=args.threshold,
-        device_name=args.device,
+        device=args.device,
         engine=args.engine,
         progress=not args.quiet,
     )
@@ -389,13 +389,13 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from medxfer.api import load_classifier
     from medxfer.atomic import write_json, write_with
-    from medxfer.classification.trained import TrainedModel
     from medxfer.device import select_device
     from medxfer.inference.cam import write_cams
     from medxfer.inference.predict import expand_inputs, predict_files
 
-    model = TrainedModel.load(args.run)
+    model = load_classifier(args.run)
     files = expand_inputs(args.inputs)
     model.to(select_device(args.device), args.engine)
     rows = predict_files(
@@ -422,9 +422,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from medxfer.api import load
+    from medxfer.api import load_classifier
 
-    model = load(args.run)
+    model = load_classifier(args.run)
     default = args.run / ("model.onnx" if args.format == "onnx" else "model.ts")
     path = model.export(args.out or default, args.format, dynamic_batch=args.dynamic_batch)
     print(f"wrote {path} and {path}.json")
@@ -643,11 +643,11 @@ def _add_family_parser(sub, command: str, options: type, helps: dict[str, str]) 
     if command == "detect":
         q.add_argument("--min-score", type=float, default=0.5, help="drop weaker detections")
     q.set_defaults(handler=_segment_predict if command == "segment" else _detect_predict)
-    if command == "segment":
-        q = verbs.add_parser("export", help="ONNX model returning per-pixel probabilities")
-        q.add_argument("run", type=Path)
-        q.add_argument("--out", type=Path, help="default: RUN/model.onnx")
-        q.set_defaults(handler=_segment_export)
+    returns = {"segment": "per-pixel probabilities", "detect": "boxes, labels and scores"}
+    q = verbs.add_parser("export", help=f"ONNX model returning {returns[command]}")
+    q.add_argument("run", type=Path)
+    q.add_argument("--out", type=Path, help="default: RUN/model.onnx")
+    q.set_defaults(handler=_family_export)
 
 
 def _add_segment_parser(sub) -> None:
@@ -676,9 +676,10 @@ def _family_train(args: argparse.Namespace) -> int:
 
 
 def _segment_predict(args: argparse.Namespace) -> int:
-    from medxfer.segmentation.inference import MASKS_CSV, predict_masks
+    from medxfer.api import load
+    from medxfer.segmentation.inference import MASKS_CSV
 
-    rows = predict_masks(args.run, args.inputs, args.out, device_name=args.device)
+    rows = load(args.run).predict(args.inputs, args.out, device=args.device)
     failed = rows[rows.error.notna()]
     print(
         f"wrote {len(rows) - len(failed)} masks and overlays to {args.out}"
@@ -694,19 +695,19 @@ def _failures(failed) -> int:
     return 1 if len(failed) else 0
 
 
-def _segment_export(args: argparse.Namespace) -> int:
-    from medxfer.segmentation.inference import ONNX_TOLERANCE, export_onnx
+def _family_export(args: argparse.Namespace) -> int:
+    from medxfer.api import load
 
-    path = export_onnx(args.run, args.out)
-    print(f"wrote {path} and {path}.json (onnxruntime matches PyTorch within {ONNX_TOLERANCE})")
+    path = load(args.run).export(args.out)
+    print(f"wrote {path} and {path}.json (checked in onnxruntime against PyTorch)")
     return 0
 
 
 def _detect_predict(args: argparse.Namespace) -> int:
-    from medxfer.detection.predict import predict_boxes
+    from medxfer.api import load
 
-    frame = predict_boxes(
-        args.run, args.inputs, args.out, min_score=args.min_score, device=args.device
+    frame = load(args.run).predict(
+        args.inputs, args.out, min_score=args.min_score, device=args.device
     )
     failed = frame[frame["error"].notna()]
     read = frame[frame["error"].isna()]

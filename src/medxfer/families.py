@@ -62,6 +62,18 @@ def family(name: str):
     return FAMILY
 
 
+def load_trained(run: str | Path):
+    """The trained model of a run folder (or its ``model.pt``), of whatever family made it:
+    a ``TrainedModel`` (classification), ``TrainedSegmenter`` or ``TrainedDetector``, each
+    with ``predict``, ``export`` and ``evaluate``."""
+    from medxfer.storage.model_file import FILE_NAME, read_model_file
+
+    path = Path(run)
+    path = path / FILE_NAME if path.is_dir() else path
+    saved = read_model_file(path)
+    return family(saved.family).load(saved, path)
+
+
 def train_run(
     options: dict[str, Any], *, log: Callable[[str], None] = print, overwrite: bool = False
 ) -> Path:
@@ -95,7 +107,8 @@ def refuse_other_family(run: str | Path) -> None:
         return
     family = folder.family()
     if family != "classification":
-        use = {"segmentation": "segment predict|export", "detection": "detect predict"}[family]
+        use = {"segmentation": "segment predict|export", "detection": "detect predict|export"}
+        use = use[family]
         raise MedxferError(f"{run}: a {family} run; use `medxfer {use}`")
 
 

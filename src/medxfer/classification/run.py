@@ -34,6 +34,7 @@ from medxfer.figures import reliability_diagram
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import create_model, weights_digest
 from medxfer.storage.folder import RunFolder
+from medxfer.storage.model_file import ModelFile
 from medxfer.tasks import make_task
 from medxfer.tracking import Handler
 from medxfer.training.loop import ClassifierEpochs, Schedule, build_optimizer, epoch_line
@@ -136,6 +137,9 @@ class ClassificationFamily:
 
     def build(self, options: RunConfig, runtime: Runtime, log: Log) -> ClassificationJob:
         return ClassificationJob(options, runtime, log)
+
+    def load(self, saved: ModelFile, path: Path) -> TrainedModel:
+        return TrainedModel.from_file(saved, path)
 
     def paired(self, folders: tuple[RunFolder, RunFolder], resamples: int, seed: int) -> list:
         from medxfer.classification.paired import paired_rows

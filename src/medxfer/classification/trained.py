@@ -12,16 +12,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medxfer.atomic import write_with
 from medxfer.config import RunConfig
 from medxfer.device import inference_batch_size, to_input
 from medxfer.engine import Engine, make_engine, own_engine, resolve_engine
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
-from medxfer.storage.folder import RunFolder, read_model_file
+from medxfer.storage.folder import RunFolder
+from medxfer.storage.model_file import ModelFile, read_model_file
 from medxfer.tasks import Task, make_task
-
-MODEL_FORMAT = 2
 
 
 @dataclass
@@ -49,18 +47,15 @@ class TrainedModel:
 
     # -- files --------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        state = {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
-        payload = {
-            "format": MODEL_FORMAT,
-            "config": self.config.to_dict(),
+        extra = {
             "task": self.task.name,
             "classes": list(self.task.classes),
             "thresholds": self.thresholds,
             "temperature": self.temperature,
             "color": self.color,
-            "state_dict": state,
         }
-        write_with(path, lambda tmp: torch.save(payload, tmp))
+        state = self.network.state_dict()
+        ModelFile("classification", self.config.to_dict(), state, extra).save(path)
 
     @classmethod
     def load(cls, source: str | Path | RunFolder) -> TrainedModel:
@@ -68,18 +63,22 @@ class TrainedModel:
         path = Path(source)
         if path.is_dir():
             path = path / RunFolder.MODEL
-        saved = read_model_file(path, ("state_dict", "config"), "a medxfer model file")
-        saved = saved if saved.get("format") == MODEL_FORMAT else _from_first_format(saved, path)
-        cfg = RunConfig.from_dict(saved["config"])
-        task = make_task(saved["task"], saved["classes"])
+        return cls.from_file(read_model_file(path, "classification"), path)
+
+    @classmethod
+    def from_file(cls, saved: ModelFile, path: Path) -> TrainedModel:
+        """The classifier a model file describes (``path``: where it was read, for messages)."""
         from medxfer.models.factory import create_model
 
+        cfg = RunConfig.from_dict(saved.options)
+        facts = saved.extra
+        task = make_task(facts["task"], facts["classes"])
         spec = cfg.model_spec
         network = create_model(
             type(spec)(**{**spec.__dict__, "outputs": task.outputs}), load_weights=False
         )
         try:
-            network.load_state_dict(saved["state_dict"])
+            network.load_state_dict(saved.state_dict)
         except RuntimeError as exc:
             raise MedxferError(
                 f"{path}: weights do not fit {cfg.arch} ({str(exc).splitlines()[0]})"
@@ -88,9 +87,9 @@ class TrainedModel:
             network.eval(),
             cfg,
             task,
-            saved.get("thresholds"),
-            float(saved.get("temperature", 1.0)),
-            saved.get("color", "gray"),
+            facts.get("thresholds"),
+            float(facts.get("temperature") or 1.0),
+            facts.get("color") or "gray",
             source=path.parent if (path.parent / RunFolder.CONFIG).exists() else None,
         )
 
@@ -190,23 +189,3 @@ class TrainedModel:
             "arch": self.config.arch,
             "mode": self.config.mode,
         }
-
-
-def _from_first_format(saved: dict, path: Path) -> dict:
-    """model.pt of medxfer 0.1 (binary only): map its keys onto the current layout."""
-    try:
-        state = {
-            ("head.linear." + k[5:] if k.startswith("head.") else k): v
-            for k, v in saved["state_dict"].items()
-        }
-        return {
-            "config": saved["config"],
-            "task": "binary",
-            "classes": [saved["negative"], saved["positive"]],
-            "thresholds": [float(saved["threshold"])],
-            "temperature": saved.get("temperature", 1.0),
-            "color": "gray",
-            "state_dict": state,
-        }
-    except KeyError as exc:
-        raise MedxferError(f"{path}: model file of an unknown layout (no {exc})") from None

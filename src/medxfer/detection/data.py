@@ -28,6 +28,9 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from medxfer.errors import MedxferError
 
@@ -224,3 +227,56 @@ def _read_csv(path: Path) -> dict[str, list[RawItem]]:
         item = (path.parent / image, boxes, names, f"{path} ({image})")
         raw.setdefault(split, []).append(item)
     return raw
+
+
+class BoxDataset(Dataset):
+    """Decoded images (uint8, working resolution) and targets; flips when ``augment``.
+
+    Horizontal and vertical flips only: a microscope field has no up or left, and both leave
+    the cells' sizes, on which the anchors are based, unchanged.
+    """
+
+    def __init__(self, images: list[torch.Tensor], targets: list[dict], augment: bool) -> None:
+        self.images, self.targets = images, targets
+        self.flip = (
+            v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]) if augment else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+        image, target = self.images[i], self.targets[i]
+        if self.flip is None:
+            return image, target
+        boxes = tv_tensors.BoundingBoxes(
+            target["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:])
+        )
+        image, boxes = self.flip(tv_tensors.Image(image), boxes)
+        return image.as_subclass(torch.Tensor), {**target, "boxes": boxes.as_subclass(torch.Tensor)}
+
+
+def decode_split(data: DetectionData, split: str, size: int):
+    """Images of ``split`` at the working resolution, their targets, and each image's scale."""
+    images, targets, scales = [], [], {}
+    for item in data.splits[split]:
+        image, scale = decode_rgb(item.path, size)
+        boxes = torch.from_numpy(item.boxes * scale).float()
+        images.append(image)
+        targets.append({"boxes": boxes, "labels": data.label_ids(item)})
+        scales[item.path] = scale
+    return images, targets, scales
+
+
+def box_loader(tensors, batch_size: int, *, augment: bool = False, generator=None) -> DataLoader:
+    """Batches of decoded images and targets (lists, as torchvision's detectors take them);
+    shuffled and flipped when a ``generator`` is given (training)."""
+    images, targets, _ = tensors
+    training = generator is not None
+    return DataLoader(
+        BoxDataset(images, targets, augment=training and augment),
+        batch_size=batch_size,
+        shuffle=training,
+        generator=generator,
+        collate_fn=lambda batch: tuple(map(list, zip(*batch, strict=True))),
+    )

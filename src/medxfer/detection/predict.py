@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -14,27 +15,34 @@ from torchvision.utils import draw_bounding_boxes
 
 from medxfer.atomic import write_text, write_with
 from medxfer.detection.data import decode_rgb
-from medxfer.detection.model import DetectorSpec, build_detector
+from medxfer.detection.model import DetectorSpec
 from medxfer.device import select_device
 from medxfer.errors import MedxferError
 from medxfer.inference.predict import check_outputs_apart, expand_inputs, unique_stem
-from medxfer.storage.folder import read_model_file
+
+if TYPE_CHECKING:
+    from medxfer.detection.trained import TrainedDetector
 
 COLUMNS = ["file", "picture", "label", "score", "xmin", "ymin", "xmax", "ymax", "error"]
 COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "white"]
 
 
 def load_detector(run: Path) -> tuple[torch.nn.Module, DetectorSpec]:
-    saved = read_model_file(run, ("spec", "state_dict"), "a detection model")
-    spec = DetectorSpec.from_dict(saved["spec"])
-    model = build_detector(spec, load_weights=False)
-    model.load_state_dict(saved["state_dict"])
-    return model.eval(), spec
+    """The trained detector of a run folder (eval mode, CPU) and its spec."""
+    from medxfer.detection.trained import TrainedDetector
+
+    trained = TrainedDetector.load(run)
+    return trained.model, trained.spec
 
 
 @torch.inference_mode()
 def predict_boxes(
-    run: Path, inputs: list, out: Path, *, min_score: float = 0.5, device: str = "auto"
+    trained: TrainedDetector,
+    inputs: list,
+    out: Path,
+    *,
+    min_score: float = 0.5,
+    device: str = "auto",
 ) -> pd.DataFrame:
     """Detect on ``inputs`` (files, folders, glob patterns). Writes ``out/NAME_boxes.png``
     per image (the boxes drawn on the image at its own size) and ``detections.{csv,json}``:
@@ -44,7 +52,7 @@ def predict_boxes(
     Inputs sharing a name get ``NAME_boxes.png``, ``NAME_2_boxes.png``, ... in order."""
     check_outputs_apart(out, inputs)
     files = expand_inputs([str(i) for i in inputs])
-    model, spec = load_detector(run)
+    model, spec = trained.model, trained.spec
     dev = select_device(device)
     model.to(dev)
     rows: list[list] = []

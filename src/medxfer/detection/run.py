@@ -14,11 +14,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
-from medxfer.detection.data import DetectionData, box_scales, decode_rgb, load_detection_data
+from medxfer.detection.data import (
+    DetectionData,
+    box_loader,
+    box_scales,
+    decode_split,
+    load_detection_data,
+)
 from medxfer.detection.engine import detect, evaluate, train_one_epoch
 from medxfer.detection.metrics import (
     SUMMARY,
@@ -36,36 +39,10 @@ from medxfer.device import Runtime
 from medxfer.errors import MedxferError
 from medxfer.evaluation.paired import minus
 from medxfer.storage.folder import RunFolder
+from medxfer.storage.model_file import ModelFile
 from medxfer.training.trainer import EpochState, Log, Trainer
 
 TASK = "detection"
-
-
-class BoxDataset(Dataset):
-    """Decoded images (uint8, working resolution) and targets; flips when ``augment``.
-
-    Horizontal and vertical flips only: a microscope field has no up or left, and both leave
-    the cells' sizes, on which the anchors are based, unchanged.
-    """
-
-    def __init__(self, images: list[torch.Tensor], targets: list[dict], augment: bool) -> None:
-        self.images, self.targets = images, targets
-        self.flip = (
-            v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]) if augment else None
-        )
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
-        image, target = self.images[i], self.targets[i]
-        if self.flip is None:
-            return image, target
-        boxes = tv_tensors.BoundingBoxes(
-            target["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:])
-        )
-        image, boxes = self.flip(tv_tensors.Image(image), boxes)
-        return image.as_subclass(torch.Tensor), {**target, "boxes": boxes.as_subclass(torch.Tensor)}
 
 
 def train_detection(
@@ -85,7 +62,7 @@ class DetectionJob:
     def __init__(self, options: DetectionOptions, runtime: Runtime, log: Log) -> None:
         self.options, self.runtime = options, runtime
         self.data = data = load_detection_data(options.data, options.classes, options.limit)
-        self.tensors = {s: _decode(data, s, options.image_size) for s in data.splits}
+        self.tensors = {s: decode_split(data, s, options.image_size) for s in data.splits}
         scale_of = {p: sc for imgs in self.tensors.values() for p, sc in imgs[2].items()}
         anchor_sizes, ratios = anchors_from_boxes(box_scales(data.splits["train"], scale_of))
         self.spec = DetectorSpec(
@@ -102,7 +79,7 @@ class DetectionJob:
         self.network = self.trainable = build_detector(self.spec).to(runtime.device)
         trainable = [p for p in self.network.parameters() if p.requires_grad]
         self.optimizer = _optimizer(options, trainable)
-        self.val_loader = _loader(self.tensors["val"], options)
+        self.val_loader = box_loader(self.tensors["val"], options.batch_size)
 
     def resolved(self) -> dict:
         return _resolved(self.spec, self.data, self.runtime.device)
@@ -116,7 +93,12 @@ class DetectionJob:
         seed = self.options.seed * 1000 + epoch
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        loader = _loader(self.tensors["train"], self.options, shuffle=True, generator=generator)
+        loader = box_loader(
+            self.tensors["train"],
+            self.options.batch_size,
+            augment=self.options.augment,
+            generator=generator,
+        )
         losses = train_one_epoch(self.network, self.optimizer, loader, self.runtime.device)
         return {f"train_{k}": v for k, v in losses.items()}
 
@@ -130,7 +112,9 @@ class DetectionJob:
         test = None
         if self.data.splits.get("test"):
             boxes = detect(
-                self.network, _loader(self.tensors["test"], self.options), self.runtime.device
+                self.network,
+                box_loader(self.tensors["test"], self.options.batch_size),
+                self.runtime.device,
             )
             scores = DetectionScores(self.data.classes)
             scores.update(*boxes)
@@ -138,8 +122,9 @@ class DetectionJob:
             table = _test_table(files, boxes, self.data.classes)
             folder.write_predictions(table)
             test = _with_intervals(scores.compute(), table, self.data.classes, self.options)
-        saved = {"spec": self.spec.to_dict(), "state_dict": self.network.state_dict()}
-        folder.write_file(RunFolder.MODEL, lambda tmp: torch.save(saved, tmp))
+        extra = {"spec": self.spec.to_dict()}
+        saved = ModelFile(TASK, asdict(self.options), self.network.state_dict(), extra)
+        saved.save(folder.file(RunFolder.MODEL))
         return _metrics(state, self.data, test, self.runtime.device)
 
     def epoch_line(self, row: dict) -> str:
@@ -163,6 +148,11 @@ class DetectionFamily:
 
     def build(self, options: DetectionOptions, runtime: Runtime, log: Log) -> DetectionJob:
         return DetectionJob(options, runtime, log)
+
+    def load(self, saved: ModelFile, path: Path):
+        from medxfer.detection.trained import TrainedDetector
+
+        return TrainedDetector.from_file(saved, path)
 
     def paired(self, folders: tuple[RunFolder, RunFolder], resamples: int, seed: int) -> list:
         """Test mAP of both runs recomputed from their box tables, the difference with a
@@ -199,30 +189,6 @@ class DetectionFamily:
 
 
 FAMILY = DetectionFamily()
-
-
-def _decode(data: DetectionData, split: str, size: int):
-    """Images of ``split`` at the working resolution, their targets, and each image's scale."""
-    images, targets, scales = [], [], {}
-    for item in data.splits[split]:
-        image, scale = decode_rgb(item.path, size)
-        boxes = torch.from_numpy(item.boxes * scale).float()
-        images.append(image)
-        targets.append({"boxes": boxes, "labels": data.label_ids(item)})
-        scales[item.path] = scale
-    return images, targets, scales
-
-
-def _loader(tensors, options: DetectionOptions, *, shuffle=False, generator=None) -> DataLoader:
-    images, targets, _ = tensors
-    dataset = BoxDataset(images, targets, augment=shuffle and options.augment)
-    return DataLoader(
-        dataset,
-        batch_size=options.batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=lambda batch: tuple(map(list, zip(*batch, strict=True))),
-    )
 
 
 def _optimizer(options: DetectionOptions, params) -> torch.optim.Optimizer:

@@ -8,6 +8,7 @@ the foreground). The export is checked in onnxruntime against PyTorch before it 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,8 +23,9 @@ from medxfer.device import select_device
 from medxfer.errors import MedxferError
 from medxfer.inference.predict import check_outputs_apart, expand_inputs, unique_stem
 from medxfer.segmentation.model import SegmentationModel
-from medxfer.segmentation.options import options_from_dict
-from medxfer.segmentation.run import load_segmentation_run
+
+if TYPE_CHECKING:
+    from medxfer.segmentation.trained import TrainedSegmenter
 
 OVERLAY_RGB = (255, 40, 40)
 OVERLAY_ALPHA = 0.4
@@ -44,7 +46,11 @@ class ProbabilityModel(nn.Module):
 
 
 def predict_masks(
-    run: str | Path, inputs: list[str], out_dir: str | Path, *, device_name: str = "auto"
+    trained: TrainedSegmenter,
+    inputs: list[str],
+    out_dir: str | Path,
+    *,
+    device_name: str = "auto",
 ) -> pd.DataFrame:
     """Write ``NAME_mask.png`` (the run's label values, at the input's own size) and
     ``NAME_overlay.png`` for every readable input image, and ``masks.csv``: a row per input
@@ -52,12 +58,13 @@ def predict_masks(
     input) and ``error`` (empty unless the input could not be read). An unreadable input does
     not stop the others, as in classification's ``predict_files``. Returns that table."""
     check_outputs_apart(out_dir, inputs)
-    model, saved = load_segmentation_run(run)
-    size = options_from_dict(saved["options"]).image_size
-    labels = np.asarray(saved["labels"], dtype=np.int64)
+    size = trained.options.image_size
+    labels = np.asarray(trained.labels, dtype=np.int64)
     if labels.max() > 255 or labels.min() < 0:
-        raise MedxferError(f"{run}: label values {labels.tolist()} do not fit an 8-bit PNG")
-    wrapper = ProbabilityModel(model.to(select_device(device_name)))
+        raise MedxferError(
+            f"{trained.source}: label values {labels.tolist()} do not fit an 8-bit PNG"
+        )
+    wrapper = ProbabilityModel(trained.model.to(select_device(device_name)))
     out_dir = Path(out_dir)
     rows, used = [], set()
     for path in expand_inputs(inputs):
@@ -99,12 +106,11 @@ def _write_mask(
     return names
 
 
-def export_onnx(run: str | Path, out: str | Path | None = None) -> Path:
+def export_onnx(trained: TrainedSegmenter, out: str | Path | None = None) -> Path:
     """Write ``RUN/model.onnx`` (dynamic batch) and its ``.json``; verify it in onnxruntime."""
-    model, saved = load_segmentation_run(run)
-    size = options_from_dict(saved["options"]).image_size
-    wrapper = ProbabilityModel(model.cpu().float())
-    out = Path(out) if out else Path(run) / "model.onnx"
+    size = trained.options.image_size
+    wrapper = ProbabilityModel(trained.model.cpu().float())
+    out = Path(out) if out else Path(trained.source) / "model.onnx"
     example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
 
     def write(tmp: Path) -> None:
@@ -130,12 +136,12 @@ def export_onnx(run: str | Path, out: str | Path | None = None) -> Path:
             "input": {"name": "gray", "shape": ["batch", 1, size, size], "range": [0, 1]},
             "output": {
                 "name": "probabilities",
-                "shape": ["batch", len(saved["labels"]), size, size],
+                "shape": ["batch", len(trained.labels), size, size],
                 "meaning": "softmax over classes; class i is mask value labels[i]",
             },
-            "labels": saved["labels"],
-            "arch": saved["options"]["arch"],
-            "mode": saved["options"]["mode"],
+            "labels": trained.labels,
+            "arch": trained.options.arch,
+            "mode": trained.options.mode,
         },
     )
     return out

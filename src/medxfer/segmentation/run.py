@@ -25,7 +25,8 @@ from medxfer.segmentation.losses import SegmentationLoss
 from medxfer.segmentation.metrics import paired_segmentation, per_image, summarize
 from medxfer.segmentation.model import SegmentationModel
 from medxfer.segmentation.options import SegmentationOptions, options_from_dict
-from medxfer.storage.folder import RunFolder, known_patients, read_model_file
+from medxfer.storage.folder import RunFolder, known_patients
+from medxfer.storage.model_file import ModelFile, read_model_file
 from medxfer.training.loop import build_optimizer
 from medxfer.training.trainer import EpochState, Log, Trainer
 
@@ -151,6 +152,11 @@ class SegmentationFamily:
     def build(self, options: SegmentationOptions, runtime: Runtime, log: Log) -> SegmentationJob:
         return SegmentationJob(options, runtime, log)
 
+    def load(self, saved: ModelFile, path: Path):
+        from medxfer.segmentation.trained import TrainedSegmenter
+
+        return TrainedSegmenter.from_file(saved, path)
+
     def paired(self, folders: tuple[RunFolder, RunFolder], resamples: int, seed: int) -> list:
         """Per-image differences of the two runs' test rows (``paired_segmentation``)."""
         pa, pb = (f.read_predictions("test") for f in folders)
@@ -164,15 +170,12 @@ class SegmentationFamily:
 FAMILY = SegmentationFamily()
 
 
-def load_segmentation_run(run: str | Path) -> tuple[SegmentationModel, dict]:
-    """The trained model of a finished run (eval mode, CPU) and its saved metadata."""
-    saved = read_model_file(run, ("labels", "options", "state_dict"), "a segmentation model")
-    options = options_from_dict(saved["options"])
-    model = SegmentationModel(
-        options.model_spec, len(saved["labels"]), options.decoder_width, load_weights=False
-    )
-    model.load_state_dict(saved["state_dict"])
-    return model.eval(), saved
+def load_segmentation_run(run: str | Path) -> tuple[SegmentationModel, ModelFile]:
+    """The trained model of a finished run (eval mode, CPU) and its model file."""
+    from medxfer.segmentation.trained import TrainedSegmenter
+
+    saved = read_model_file(run, TASK)
+    return TrainedSegmenter.from_file(saved, Path(run)).model, saved
 
 
 def _adapt_batchnorm(model: SegmentationModel, data: SegmentationData, device) -> None:
@@ -211,13 +214,8 @@ def _finish(job: SegmentationJob, folder: RunFolder, state: EpochState) -> dict:
         tables.append(pd.DataFrame({"split": split, "file": files, "patient": patients, **rows}))
     folder.write_predictions(pd.concat(tables, ignore_index=True))
     model = job.network
-    saved = {
-        "options": asdict(options),
-        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-        "labels": list(data.labels),
-        "taps": [asdict(t) for t in model.taps],
-    }
-    folder.write_file(RunFolder.MODEL, lambda tmp: torch.save(saved, tmp))
+    extra = {"labels": list(data.labels), "taps": [asdict(t) for t in model.taps]}
+    ModelFile(TASK, asdict(options), model.state_dict(), extra).save(folder.file(RunFolder.MODEL))
     test_loss, test_rows = results["test"]
     return {
         "task": TASK,

@@ -161,25 +161,6 @@ def known_patients(predictions: pd.DataFrame):
     return None if all(p.startswith("file:") for p in patients) else patients
 
 
-def read_model_file(source: str | Path, required: tuple[str, ...], kind: str) -> dict:
-    """The dict saved in a run's ``model.pt`` (``source``: the run folder or the file), or one
-    line saying it is missing, unreadable, or not ``kind`` (it lacks a key of ``required``)."""
-    import torch
-
-    path = Path(source)
-    if path.is_dir():
-        path = path / RunFolder.MODEL
-    if not path.exists():
-        raise MedxferError(f"{path.parent}: no trained model ({path.name}); is the run finished?")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch, zipfile and pickle raise many types for a damaged file
-        raise MedxferError(f"{path}: unreadable model file ({type(exc).__name__})") from None
-    if not isinstance(saved, dict) or not all(k in saved for k in required):
-        raise MedxferError(f"{path}: not {kind}")
-    return saved
-
-
 def environment() -> dict[str, Any]:
     """Library versions, machine and git commit, for config.json."""
     import numpy
