@@ -116,9 +116,9 @@ def views_of(metrics: dict, views: int) -> int:
 
 
 def predict(run: Path, batch: int) -> None:
+    from medxfer.classification.trained import TrainedModel
     from medxfer.data.images import load_image
     from medxfer.inference.predict import expand_inputs, predict_files
-    from medxfer.classification.trained import TrainedModel
 
     files = expand_inputs([str(KERMANY / "test")])
     model = TrainedModel.load(run)

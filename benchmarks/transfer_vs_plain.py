@@ -30,8 +30,8 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medxfer.config import RunConfig
 from medxfer.classification.run import train
+from medxfer.config import RunConfig
 
 
 def plain_loop(data: Path, epochs: int, batch: int, seed: int) -> dict:
