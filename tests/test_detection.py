@@ -411,7 +411,7 @@ def test_the_test_box_table_of_a_trained_run_gives_its_metrics_json_map(trained_
     from medxfer.detection.data import decode_rgb
     from medxfer.detection.engine import detect
     from medxfer.detection.metrics import box_table, match_boxes, mean_average_precision
-    from medxfer.detection.predict import load_detector
+    from medxfer.detection.trained import load_detector
 
     out, _, _ = trained_run
     model, spec = load_detector(out)

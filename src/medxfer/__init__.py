@@ -8,11 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["MedxferError", "RunConfig", "__version__", "load", "run_study", "train"]
+__all__ = ["MedxferError", "RunConfig", "__version__", "evaluate", "load", "run_study", "train"]
 
 _LAZY = {
     "train": "medxfer.api",
     "load": "medxfer.api",
+    "evaluate": "medxfer.api",
     "run_study": "medxfer.api",
     "RunConfig": "medxfer.config",
     "MedxferError": "medxfer.errors",

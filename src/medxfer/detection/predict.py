@@ -27,14 +27,6 @@ COLUMNS = ["file", "picture", "label", "score", "xmin", "ymin", "xmax", "ymax", 
 COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "white"]
 
 
-def load_detector(run: Path) -> tuple[torch.nn.Module, DetectorSpec]:
-    """The trained detector of a run folder (eval mode, CPU) and its spec."""
-    from medxfer.detection.trained import TrainedDetector
-
-    trained = TrainedDetector.load(run)
-    return trained.model, trained.spec
-
-
 @torch.inference_mode()
 def predict_boxes(
     trained: TrainedDetector,

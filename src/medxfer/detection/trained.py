@@ -82,6 +82,12 @@ class TrainedDetector:
         }
 
 
+def load_detector(run: str | Path) -> tuple[torch.nn.Module, DetectorSpec]:
+    """The trained detector of a run folder (eval mode, CPU) and its spec."""
+    trained = TrainedDetector.load(run)
+    return trained.model, trained.spec
+
+
 def load_data(data: str | Path, classes: list[str]):
     from medxfer.detection.data import load_detection_data
 
