@@ -432,24 +432,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _similarity(args: argparse.Namespace) -> int:
-    from medxfer.similarity.compare import measure
+    from medxfer.similarity.compare import Request, measure
 
-    result = measure(
-        args.arch,
-        args.natural,
-        args.medical,
-        args.out,
-        run=args.run,
-        layers=args.layers,
-        split=args.split,
-        image_size=args.image_size,
-        max_images=args.max_images,
-        natural_gray=args.natural_gray,
-        seed=args.seed,
-        device_name=args.device,
-        engine=args.engine,
-        progress=not args.quiet,
-    )
+    asked = {f.name: getattr(args, f.name) for f in fields(Request) if f.name != "progress"}
+    result = measure(Request(**asked, progress=not args.quiet))
     print(
         f"{'stage':<18}{'dim':>6}{'D(C,M)':>10}{'D(C,C)':>10}{'D(M,M)':>10}{'ratio':>7}"
         f"{'cos':>7}{'FID':>10}" + ("   fine-tuned: ratio   cos     FID" if args.run else "")

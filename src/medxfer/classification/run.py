@@ -20,6 +20,7 @@ from medxfer.classification.assess import assess, metric_thresholds
 from medxfer.classification.card import write_model_card
 from medxfer.classification.context import Assessment, Context, Inputs, Log
 from medxfer.classification.inputs import prepare_inputs
+from medxfer.classification.paired import paired_rows
 from medxfer.classification.trained import TrainedModel
 from medxfer.config import RunConfig
 from medxfer.data.augment import get_augmentation
@@ -34,11 +35,10 @@ from medxfer.figures import reliability_diagram
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import create_model, weights_digest
 from medxfer.storage.folder import RunFolder
-from medxfer.storage.model_file import ModelFile
 from medxfer.tasks import make_task
 from medxfer.tracking import Handler
 from medxfer.training.loop import ClassifierEpochs, Schedule, build_optimizer, epoch_line
-from medxfer.training.trainer import EpochState, Trainer
+from medxfer.training.trainer import EpochState, Family, Trainer
 
 
 # -- the pipeline --------------------------------------------------------------------------
@@ -129,25 +129,9 @@ class ClassificationJob:
         self.epochs.set_random_state(state)
 
 
-class ClassificationFamily:
-    name = "classification"
-
-    def options_from_dict(self, values: dict) -> RunConfig:
-        return RunConfig.from_dict(values)
-
-    def build(self, options: RunConfig, runtime: Runtime, log: Log) -> ClassificationJob:
-        return ClassificationJob(options, runtime, log)
-
-    def load(self, saved: ModelFile, path: Path) -> TrainedModel:
-        return TrainedModel.from_file(saved, path)
-
-    def paired(self, folders: tuple[RunFolder, RunFolder], resamples: int, seed: int) -> list:
-        from medxfer.classification.paired import paired_rows
-
-        return paired_rows(folders, resamples, seed)
-
-
-FAMILY = ClassificationFamily()
+FAMILY = Family(
+    "classification", RunConfig.from_dict, ClassificationJob, TrainedModel.from_file, paired_rows
+)
 
 
 def _note_engine_change(folder: RunFolder, runtime: Runtime, log: Log) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -18,12 +18,14 @@ from medxfer.engine import Engine, make_engine, own_engine, resolve_engine
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
 from medxfer.storage.folder import RunFolder
-from medxfer.storage.model_file import ModelFile, read_model_file
+from medxfer.storage.model_file import ModelFile, Reloadable
 from medxfer.tasks import Task, make_task
 
 
 @dataclass
-class TrainedModel:
+class TrainedModel(Reloadable):
+    FAMILY: ClassVar[str] = "classification"
+
     network: XrayClassifier
     config: RunConfig
     task: Task
@@ -56,14 +58,6 @@ class TrainedModel:
         }
         state = self.network.state_dict()
         ModelFile("classification", self.config.to_dict(), state, extra).save(path)
-
-    @classmethod
-    def load(cls, source: str | Path | RunFolder) -> TrainedModel:
-        """From a run folder or a ``model.pt``; the network in eval mode on the CPU."""
-        path = Path(source)
-        if path.is_dir():
-            path = path / RunFolder.MODEL
-        return cls.from_file(read_model_file(path, "classification"), path)
 
     @classmethod
     def from_file(cls, saved: ModelFile, path: Path) -> TrainedModel:

@@ -35,12 +35,13 @@ from medxfer.detection.metrics import (
 )
 from medxfer.detection.model import DetectorSpec, anchors_from_boxes, build_detector
 from medxfer.detection.options import DetectionOptions, options_from_dict
+from medxfer.detection.trained import TrainedDetector
 from medxfer.device import Runtime
 from medxfer.errors import MedxferError
 from medxfer.evaluation.paired import minus
 from medxfer.storage.folder import RunFolder
 from medxfer.storage.model_file import ModelFile
-from medxfer.training.trainer import EpochState, Log, Trainer
+from medxfer.training.trainer import EpochState, Family, Log, SeededJob, Trainer
 
 TASK = "detection"
 
@@ -56,7 +57,7 @@ def train_detection(
     return Trainer(FAMILY, options, log=log, overwrite=overwrite).run().path
 
 
-class DetectionJob:
+class DetectionJob(SeededJob):
     """One detection run for the trainer: Faster R-CNN on the factory backbone."""
 
     def __init__(self, options: DetectionOptions, runtime: Runtime, log: Log) -> None:
@@ -83,9 +84,6 @@ class DetectionJob:
 
     def resolved(self) -> dict:
         return _resolved(self.spec, self.data, self.runtime.device)
-
-    def start(self, resumed: bool) -> None:
-        pass
 
     def train_one_epoch(self, epoch: int) -> dict:
         # every random draw of the epoch (order, flips, the detector's box sampling) from the
@@ -133,62 +131,42 @@ class DetectionJob:
             f"val mAP@0.5 {row['val_map_50'] or 0:.4f} ({row['seconds']:.0f} s)"
         )
 
-    def random_state(self) -> None:
-        return None  # every epoch's draws come from the seed and the epoch
 
-    def set_random_state(self, state: dict) -> None:
-        pass
-
-
-class DetectionFamily:
-    name = TASK
-
-    def options_from_dict(self, values: dict) -> DetectionOptions:
-        return options_from_dict(values)
-
-    def build(self, options: DetectionOptions, runtime: Runtime, log: Log) -> DetectionJob:
-        return DetectionJob(options, runtime, log)
-
-    def load(self, saved: ModelFile, path: Path):
-        from medxfer.detection.trained import TrainedDetector
-
-        return TrainedDetector.from_file(saved, path)
-
-    def paired(self, folders: tuple[RunFolder, RunFolder], resamples: int, seed: int) -> list:
-        """Test mAP of both runs recomputed from their box tables, the difference with a
-        paired image bootstrap (COCO's matching on each resample)."""
-        classes = [f.read_resolved()["detector"]["classes"] for f in folders]
-        if classes[0] != classes[1]:
-            raise MedxferError(f"other classes ({classes[0]} and {classes[1]})")
-        a, b = (match_boxes(f.read_predictions("test"), classes[0]) for f in folders)
-        if resamples:
-            found = paired_detection(a, b, resamples=resamples, seed=seed)
-        else:  # no bootstrap asked for: the values and their difference only
-            found = {
-                "values_a": mean_average_precision(a),
-                "values_b": mean_average_precision(align(a, b)),
+def _paired(folders: tuple[RunFolder, RunFolder], resamples: int, seed: int) -> list:
+    """Test mAP of both runs recomputed from their box tables, the difference with a
+    paired image bootstrap (COCO's matching on each resample)."""
+    classes = [f.read_resolved()["detector"]["classes"] for f in folders]
+    if classes[0] != classes[1]:
+        raise MedxferError(f"other classes ({classes[0]} and {classes[1]})")
+    a, b = (match_boxes(f.read_predictions("test"), classes[0]) for f in folders)
+    if resamples:
+        found = paired_detection(a, b, resamples=resamples, seed=seed)
+    else:  # no bootstrap asked for: the values and their difference only
+        found = {
+            "values_a": mean_average_precision(a),
+            "values_b": mean_average_precision(align(a, b)),
+        }
+    rows = []
+    for metric in SUMMARY:
+        low, high = (found.get("intervals") or {}).get(metric) or (None, None)
+        value_a, value_b = found["values_a"][metric], found["values_b"][metric]
+        rows.append(
+            {
+                "metric": metric,
+                "value_a": value_a,
+                "value_b": value_b,
+                "diff": minus(value_b, value_a),
+                "ci_low": low,
+                "ci_high": high,
+                "p_value": (found.get("p_values") or {}).get(metric),
+                "test": "paired bootstrap" if resamples else None,
+                "interval": f"{found['method']}, {resamples} resamples" if resamples else None,
             }
-        rows = []
-        for metric in SUMMARY:
-            low, high = (found.get("intervals") or {}).get(metric) or (None, None)
-            value_a, value_b = found["values_a"][metric], found["values_b"][metric]
-            rows.append(
-                {
-                    "metric": metric,
-                    "value_a": value_a,
-                    "value_b": value_b,
-                    "diff": minus(value_b, value_a),
-                    "ci_low": low,
-                    "ci_high": high,
-                    "p_value": (found.get("p_values") or {}).get(metric),
-                    "test": "paired bootstrap" if resamples else None,
-                    "interval": f"{found['method']}, {resamples} resamples" if resamples else None,
-                }
-            )
-        return rows
+        )
+    return rows
 
 
-FAMILY = DetectionFamily()
+FAMILY = Family(TASK, options_from_dict, DetectionJob, TrainedDetector.from_file, _paired)
 
 
 def _optimizer(options: DetectionOptions, params) -> torch.optim.Optimizer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -13,20 +13,17 @@ from medxfer.detection.model import DetectorSpec, build_detector
 from medxfer.detection.options import DetectionOptions, options_from_dict
 from medxfer.device import select_device
 from medxfer.errors import MedxferError
-from medxfer.storage.model_file import ModelFile, read_model_file
+from medxfer.storage.model_file import ModelFile, Reloadable
 
 
 @dataclass
-class TrainedDetector:
+class TrainedDetector(Reloadable):
+    FAMILY: ClassVar[str] = "detection"
+
     model: torch.nn.Module  # eval mode
     spec: DetectorSpec
     options: DetectionOptions | None  # None for model files of the first layout
     source: Path | None = None  # the run folder, if loaded from one
-
-    @classmethod
-    def load(cls, run: str | Path) -> TrainedDetector:
-        path = Path(run)
-        return cls.from_file(read_model_file(path, "detection"), path)
 
     @classmethod
     def from_file(cls, saved: ModelFile, path: Path) -> TrainedDetector:

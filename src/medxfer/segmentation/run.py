@@ -25,10 +25,11 @@ from medxfer.segmentation.losses import SegmentationLoss
 from medxfer.segmentation.metrics import paired_segmentation, per_image, summarize
 from medxfer.segmentation.model import SegmentationModel
 from medxfer.segmentation.options import SegmentationOptions, options_from_dict
+from medxfer.segmentation.trained import TrainedSegmenter
 from medxfer.storage.folder import RunFolder, known_patients
 from medxfer.storage.model_file import ModelFile, read_model_file
 from medxfer.training.loop import build_optimizer
-from medxfer.training.trainer import EpochState, Log, Trainer
+from medxfer.training.trainer import EpochState, Family, Log, SeededJob, Trainer
 
 TASK = "segmentation"
 BN_ADAPT_IMAGES = 2048  # training images whose statistics ``--bn adapt`` uses (as precise BN)
@@ -42,7 +43,7 @@ def train_segmentation(
     return Trainer(FAMILY, options, log=log, overwrite=overwrite).run().path
 
 
-class SegmentationJob:
+class SegmentationJob(SeededJob):
     """One segmentation run for the trainer: U-Net decoder on the backbone's taps."""
 
     def __init__(self, options: SegmentationOptions, runtime: Runtime, log: Log) -> None:
@@ -136,44 +137,22 @@ class SegmentationJob:
     def epoch_line(self, row: dict) -> str:
         return _epoch_line(row)
 
-    def random_state(self) -> None:
-        return None  # every epoch's draws come from the seed and the epoch
 
-    def set_random_state(self, state: dict) -> None:
-        pass
-
-
-class SegmentationFamily:
-    name = TASK
-
-    def options_from_dict(self, values: dict) -> SegmentationOptions:
-        return options_from_dict(values)
-
-    def build(self, options: SegmentationOptions, runtime: Runtime, log: Log) -> SegmentationJob:
-        return SegmentationJob(options, runtime, log)
-
-    def load(self, saved: ModelFile, path: Path):
-        from medxfer.segmentation.trained import TrainedSegmenter
-
-        return TrainedSegmenter.from_file(saved, path)
-
-    def paired(self, folders: tuple[RunFolder, RunFolder], resamples: int, seed: int) -> list:
-        """Per-image differences of the two runs' test rows (``paired_segmentation``)."""
-        pa, pb = (f.read_predictions("test") for f in folders)
-        if not (pa.file.is_unique and pb.file.is_unique) or set(pa.file) != set(pb.file):
-            raise MedxferError(f"not the same test images ({len(pa)} and {len(pb)})")
-        pb = pb.set_index("file").loc[pa.file].reset_index()
-        groups = known_patients(pa)
-        return paired_segmentation(pa, pb, groups=groups, resamples=resamples, seed=seed)
+def _paired(folders: tuple[RunFolder, RunFolder], resamples: int, seed: int) -> list:
+    """Per-image differences of the two runs' test rows (``paired_segmentation``)."""
+    pa, pb = (f.read_predictions("test") for f in folders)
+    if not (pa.file.is_unique and pb.file.is_unique) or set(pa.file) != set(pb.file):
+        raise MedxferError(f"not the same test images ({len(pa)} and {len(pb)})")
+    pb = pb.set_index("file").loc[pa.file].reset_index()
+    groups = known_patients(pa)
+    return paired_segmentation(pa, pb, groups=groups, resamples=resamples, seed=seed)
 
 
-FAMILY = SegmentationFamily()
+FAMILY = Family(TASK, options_from_dict, SegmentationJob, TrainedSegmenter.from_file, _paired)
 
 
 def load_segmentation_run(run: str | Path) -> tuple[SegmentationModel, ModelFile]:
     """The trained model of a finished run (eval mode, CPU) and its model file."""
-    from medxfer.segmentation.trained import TrainedSegmenter
-
     saved = read_model_file(run, TASK)
     return TrainedSegmenter.from_file(saved, Path(run)).model, saved
 

@@ -6,26 +6,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from medxfer.device import inference_batch_size, select_device
 from medxfer.errors import MedxferError
 from medxfer.segmentation.model import SegmentationModel
 from medxfer.segmentation.options import SegmentationOptions, options_from_dict
-from medxfer.storage.model_file import ModelFile, read_model_file
+from medxfer.storage.model_file import ModelFile, Reloadable
 
 
 @dataclass
-class TrainedSegmenter:
+class TrainedSegmenter(Reloadable):
+    FAMILY: ClassVar[str] = "segmentation"
+
     model: SegmentationModel  # eval mode
     options: SegmentationOptions
     labels: list[int]  # mask value of each class index
     source: Path | None = None  # the run folder, if loaded from one
-
-    @classmethod
-    def load(cls, run: str | Path) -> TrainedSegmenter:
-        path = Path(run)
-        return cls.from_file(read_model_file(path, "segmentation"), path)
 
     @classmethod
     def from_file(cls, saved: ModelFile, path: Path) -> TrainedSegmenter:

@@ -4,7 +4,7 @@ per stage, before and after fine-tuning (Proposition 4, Conjecture 1 and Proposi
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,123 +49,149 @@ def domain_measures(natural: torch.Tensor, medical: torch.Tensor) -> dict:
     return {"euclidean": euclid, "cosine": cosine, "fid": frechet_distance(natural, medical)}
 
 
-def measure(
-    arch: str | None,
-    natural_dir: str,
-    medical_data: str,
-    out: Path,
-    *,
-    run: Path | None = None,
-    layers: list[str] | None = None,
-    split: str = "test",
-    image_size: int | None = None,
-    max_images: int | None = None,
-    natural_gray: bool = False,
-    seed: int = 0,
-    device_name: str = "auto",
-    engine: str = "auto",
-    progress: bool = True,
-) -> dict:
-    """Compute every measure per stage and write ``similarity.json`` and ``similarity.png``.
+SPEC_FIELDS = {"normalize": "normalization", "weights": "weights", "weights_tag": "weights_tag"}
 
+
+@dataclass(frozen=True)
+class Request:
+    """What ``medxfer similarity`` measures: ``arch``'s pretrained backbone (or a trained
+    ``run``'s, before and after) on natural photos and a medical dataset's ``split``.
     ``max_images`` caps each domain by a random sample drawn with ``seed`` (the medical one
-    stratified by class); ``similarity.json`` lists the files used.
-    """
-    device = select_device(device_name)
+    stratified by class)."""
+
+    arch: str | None
+    natural: str
+    medical: str
+    out: Path
+    run: Path | None = None
+    layers: list[str] | None = None
+    split: str = "test"
+    image_size: int | None = None
+    max_images: int | None = None
+    natural_gray: bool = False
+    seed: int = 0
+    device: str = "auto"
+    engine: str = "auto"
+    progress: bool = True
+
+
+def measure(request: Request) -> dict:
+    """Compute every measure per stage and write ``similarity.json`` (with the files used)
+    and ``similarity.png``."""
     from medxfer.classification.trained import TrainedModel
 
-    trained = TrainedModel.load(run) if run else None
+    device = select_device(request.device)
+    trained = TrainedModel.load(request.run) if request.run else None
+    spec = _backbone(request.arch, trained, request.run)
+    size = request.image_size or (
+        trained.config.resolution if trained else default_image_size(spec.arch)
+    )
+    pretrained = create_model(spec)
+    names = stage_names(pretrained, request.layers)
+    positive = trained.classes[1] if trained and trained.task.name == "binary" else None
+    options = DataOptions(positive=positive, val_fraction=0, color="gray")
+    data = prepare_data(request.medical, size, options, progress=request.progress)
+    if request.split not in data.splits:
+        raise MedxferError(f"{request.medical}: no {request.split!r} split")
+    chosen = _medical_sample(data, request.split, request.max_images, request.seed)
+    medical = data.pixels[chosen]
+    natural_files = _natural_sample(request.natural, request.max_images, request.seed)
+    photos = load_photos(natural_files, size, gray=request.natural_gray)
+    _check_sizes(medical, photos)
+    batch = inference_batch_size(None, device)
+
+    def features(model: XrayClassifier) -> tuple[dict, dict]:
+        both = (rgb_batches(model, photos, batch), gray_batches(model, medical, batch))
+        nat, med = (
+            stage_features(model, b, names, device, request.progress, engine=request.engine)
+            for b in both
+        )
+        return nat, med
+
+    post = features(trained.network) if trained is not None else None
+    stages = _stages(names, features(pretrained), post)
+    result = {
+        "arch": spec.arch,
+        "run": str(request.run) if request.run else None,
+        "image_size": size,
+        **{k: getattr(spec, a) for k, a in SPEC_FIELDS.items()},
+        "natural": str(request.natural),
+        "medical": str(request.medical),
+        "split": request.split,
+        "n_natural": len(photos),
+        "n_medical": len(medical),
+        "natural_gray": request.natural_gray,
+        "sampling": _sampling(data, chosen, natural_files, request.seed, request.max_images),
+        "stages": stages,
+    }
+    if post:
+        result["proposition_5"] = _proposition_5(stages[-1])
+    write_json(Path(request.out) / "similarity.json", result)
+    write_with(Path(request.out) / "similarity.png", lambda tmp: _plot(result, tmp))
+    return result
+
+
+def _check_sizes(medical, photos) -> None:
+    if len(medical) < 2 or len(photos) < 2:
+        raise MedxferError("need at least 2 images in each domain")
+
+
+def _backbone(arch: str | None, trained, run: Path | None) -> ModelSpec:
+    """The pretrained backbone measured: ``arch``'s, or the trained run's own before training."""
     cfg = trained.config if trained else None
     arch = arch or (cfg.arch if cfg else None)
     if arch is None:
         raise MedxferError("--arch is required without --run")
     if cfg and cfg.arch != arch:
         raise MedxferError(f"--arch {arch} but run {run} trained {cfg.arch}")
-    spec = baseline_spec(cfg, run) if cfg else ModelSpec(arch, mode="transfer")
-    finetuned = trained.network if trained else None
-    size = image_size or (cfg.resolution if cfg else default_image_size(arch))
-    pretrained = create_model(spec)
-    names = stage_names(pretrained, layers)
-    options = DataOptions(
-        positive=trained.classes[1] if trained and trained.task.name == "binary" else None,
-        val_fraction=0,
-        color="gray",
-    )
-    data = prepare_data(medical_data, size, options, progress=progress)
-    if split not in data.splits:
-        raise MedxferError(f"{medical_data}: no {split!r} split")
-    chosen = _medical_sample(data, split, max_images, seed)
-    medical = data.pixels[chosen]
-    natural_files = _natural_sample(natural_dir, max_images, seed)
-    photos = load_photos(natural_files, size, gray=natural_gray)
-    if len(medical) < 2 or len(photos) < 2:
-        raise MedxferError("need at least 2 images in each domain")
-    batch = inference_batch_size(None, device)
+    return baseline_spec(cfg, run) if cfg else ModelSpec(arch, mode="transfer")
 
-    def features(model: XrayClassifier) -> tuple[dict, dict]:
-        nat, med = (
-            stage_features(model, batches, names, device, progress, engine=engine)
-            for batches in (rgb_batches(model, photos, batch), gray_batches(model, medical, batch))
-        )
-        return nat, med
 
-    pre_nat, pre_med = features(pretrained)
-    post = features(finetuned) if finetuned is not None else None
+def _sampling(data, chosen, natural_files: list[Path], seed: int, max_images) -> dict:
+    """Which images were measured, and how they were drawn."""
+    return {
+        "method": METHOD,
+        "seed": seed,
+        "max_images": max_images,
+        "medical_per_class": dict(
+            sorted(Counter(data.records[i].label for i in chosen.tolist()).items())
+        ),
+        "medical_files": [data.records[i].source for i in chosen.tolist()],
+        "natural_files": [str(f) for f in natural_files],
+    }
+
+
+def _stages(names: list[str], pre: tuple[dict, dict], post: tuple[dict, dict] | None) -> list:
+    """Per stage: the natural-vs-medical measures of the pretrained backbone, and with a
+    trained run those of its fine-tuned backbone and the CKA between the two."""
     stages = []
     for name in names:
         entry = {
             "stage": name,
-            "dim": int(pre_nat[name].shape[1]),
-            "pretrained": domain_measures(pre_nat[name], pre_med[name]),
+            "dim": int(pre[0][name].shape[1]),
+            "pretrained": domain_measures(pre[0][name], pre[1][name]),
         }
         if post:
             entry["finetuned"] = domain_measures(post[0][name], post[1][name])
             entry["cka_pretrained_vs_finetuned"] = {
-                "natural": linear_cka(pre_nat[name], post[0][name]),
-                "medical": linear_cka(pre_med[name], post[1][name]),
+                "natural": linear_cka(pre[0][name], post[0][name]),
+                "medical": linear_cka(pre[1][name], post[1][name]),
             }
         stages.append(entry)
-    result = {
-        "arch": arch,
-        "run": str(run) if run else None,
-        "image_size": size,
-        "normalize": spec.normalization,
-        "weights": spec.weights,
-        "weights_tag": spec.weights_tag,
-        "natural": str(natural_dir),
-        "medical": str(medical_data),
-        "split": split,
-        "n_natural": len(photos),
-        "n_medical": len(medical),
-        "natural_gray": natural_gray,
-        "sampling": {
-            "method": METHOD,
-            "seed": seed,
-            "max_images": max_images,
-            "medical_per_class": dict(
-                sorted(Counter(data.records[i].label for i in chosen.tolist()).items())
-            ),
-            "medical_files": [data.records[i].source for i in chosen.tolist()],
-            "natural_files": [str(f) for f in natural_files],
-        },
-        "stages": stages,
+    return stages
+
+
+def _proposition_5(final: dict) -> dict:
+    """Whether fine-tuning brought the two domains' last-stage features closer (Prop. 5)."""
+    tuned, before = final["finetuned"], final["pretrained"]
+    return {
+        "stage": final["stage"],
+        "euclidean_cross_pretrained": before["euclidean"]["cross"],
+        "euclidean_cross_finetuned": tuned["euclidean"]["cross"],
+        "holds_raw": tuned["euclidean"]["cross"] < before["euclidean"]["cross"],
+        "holds_relative": tuned["euclidean"]["ratio"] < before["euclidean"]["ratio"],
+        "holds_fid": tuned["fid"] < before["fid"],
     }
-    if post:
-        final = stages[-1]
-        result["proposition_5"] = {
-            "stage": final["stage"],
-            "euclidean_cross_pretrained": final["pretrained"]["euclidean"]["cross"],
-            "euclidean_cross_finetuned": final["finetuned"]["euclidean"]["cross"],
-            "holds_raw": final["finetuned"]["euclidean"]["cross"]
-            < final["pretrained"]["euclidean"]["cross"],
-            "holds_relative": final["finetuned"]["euclidean"]["ratio"]
-            < final["pretrained"]["euclidean"]["ratio"],
-            "holds_fid": final["finetuned"]["fid"] < final["pretrained"]["fid"],
-        }
-    out = Path(out)
-    write_json(out / "similarity.json", result)
-    write_with(out / "similarity.png", lambda tmp: _plot(result, tmp))
-    return result
 
 
 def baseline_spec(cfg: RunConfig, run: Path) -> ModelSpec:

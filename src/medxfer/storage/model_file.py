@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from medxfer.atomic import write_with
 from medxfer.errors import MedxferError
@@ -35,6 +35,19 @@ class ModelFile:
         payload = asdict(self)
         payload["state_dict"] = {k: v.detach().cpu() for k, v in self.state_dict.items()}
         write_with(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+class Reloadable:
+    """``load(run)`` for a trained model of family ``FAMILY`` with ``from_file(saved, path)``:
+    a run folder or its ``model.pt``, read once, with one line for a file of another family."""
+
+    FAMILY: ClassVar[str]
+
+    @classmethod
+    def load(cls, run: str | Path) -> Any:
+        path = Path(run)
+        path = path / FILE_NAME if path.is_dir() else path
+        return cls.from_file(read_model_file(path, cls.FAMILY), path)  # type: ignore[attr-defined]
 
 
 def read_model_file(source: str | Path, family: str | None = None) -> ModelFile:

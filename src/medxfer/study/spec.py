@@ -82,20 +82,7 @@ def load_study(
         key, _, values = item.partition("=")
         grid[key.strip().replace("-", "_")] = [_parse_value(v.strip()) for v in values.split(",")]
     family = family_of(base)
-    known = option_names(family) - {"out"}
-    compare = meta.get("compare", [])
-    if not isinstance(compare, list):
-        raise MedxferError(f"{source}: study.compare must be a list of run options")
-    for key in [*base, *grid, *compare]:
-        if key not in known:
-            raise MedxferError(f"{source}: {key!r} is not a {family} run option")
-    compare = [COLUMN_OF.get(key, key) for key in compare]
-    for key in compare:
-        if key not in EXPERIMENT:
-            raise MedxferError(
-                f"{source}: study.compare {key!r}: not an option that defines an experiment"
-                " (seeds and folds are replicates; paths and devices change nothing)"
-            )
+    compare = _compared(meta.get("compare", []), [*base, *grid], family, source)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise MedxferError(f"{source}: grid.{key} must be a non-empty list")
@@ -116,6 +103,25 @@ def load_study(
     for cell in study.cells():  # validate every cell before anything runs
         build_options({**cell.options, "out": "-"})
     return study
+
+
+def _compared(compare: Any, used: list[str], family: str, source: str) -> list[str]:
+    """The options ``[study] compare`` names (as table columns), after checking them and
+    every option the study sets against ``family``'s."""
+    known = option_names(family) - {"out"}
+    if not isinstance(compare, list):
+        raise MedxferError(f"{source}: study.compare must be a list of run options")
+    for key in [*used, *compare]:
+        if key not in known:
+            raise MedxferError(f"{source}: {key!r} is not a {family} run option")
+    compare = [COLUMN_OF.get(key, key) for key in compare]
+    for key in compare:
+        if key not in EXPERIMENT:
+            raise MedxferError(
+                f"{source}: study.compare {key!r}: not an option that defines an experiment"
+                " (seeds and folds are replicates; paths and devices change nothing)"
+            )
+    return compare
 
 
 def weights_available(options: dict[str, Any]) -> bool:

@@ -66,14 +66,31 @@ class Job(Protocol):
     def set_random_state(self, state: dict) -> None: ...
 
 
-class Family(Protocol):
-    """A kind of run: its options and how to build a job (``medxfer.families``)."""
+@dataclass(frozen=True)
+class Family:
+    """A task family's parts, by name (``medxfer.families`` holds the three): what the trainer
+    builds a run from, what reads its model file back, what pairs two of its runs."""
 
     name: str
+    read_options: Callable[[dict[str, Any]], Any]  # config.json's ``run`` -> options
+    job: Callable[[Any, Runtime, Log], Job]  # (options, runtime, log) -> a job, data read
+    load: Callable[[Any, Any], Any]  # (ModelFile, path) -> the trained model
+    # (two RunFolders, bootstrap resamples, seed) -> a row per metric (MedxferError: unpaired)
+    paired: Callable[[tuple, int, int], list[dict]]
 
-    def options_from_dict(self, values: dict[str, Any]) -> Any: ...
 
-    def build(self, options: Any, runtime: Runtime, log: Log) -> Job: ...
+class SeededJob:
+    """Defaults for a job whose every random draw comes from the seed and the epoch: nothing
+    to start after a resume, no generator to carry in the checkpoint."""
+
+    def start(self, resumed: bool) -> None:
+        pass
+
+    def random_state(self) -> dict | None:
+        return None
+
+    def set_random_state(self, state: dict) -> None:
+        pass
 
 
 # options that change where a run's files go, how fast it runs or who hears of it: a run
@@ -116,7 +133,7 @@ class Trainer:
 
     def check_same(self) -> None:
         """Refuse to continue (or report as done) a run of other settings in this folder."""
-        before = self.family.options_from_dict(self.folder.read_options())
+        before = self.family.read_options(self.folder.read_options())
         diff = differences(self.options, before)
         if diff:
             raise MedxferError(
@@ -141,7 +158,7 @@ class Trainer:
 
     def _train(self, runtime: Runtime) -> None:
         started = time.perf_counter()
-        job = self.family.build(self.options, runtime, self.log)  # bad data fails here
+        job = self.family.job(self.options, runtime, self.log)  # bad data fails here
         state, saved = self._resume(job)
         job.start(resumed=state.epoch > 0)
         if saved is not None:  # what ``start`` built continues where the checkpoint stopped
