@@ -193,7 +193,7 @@ def _edit_run_config(run, dest, **changes):
     config["run"].update(changes)
     (dest / "config.json").write_text(json.dumps(config))
     saved = torch.load(dest / "model.pt", weights_only=False)
-    saved["config"].update(changes)
+    saved["options"].update(changes)  # model.pt format 3
     torch.save(saved, dest / "model.pt")
     return dest
 

@@ -127,3 +127,137 @@ def run_study(
         grid = [f"{k}={','.join(json.dumps(v) for v in vs)}" for k, vs in grid.items()]
     loaded = load_study(str(study), list(overrides), list(grid))
     return execute(loaded, Path(out), **execution)
+
+
+# -- the command line's other verbs, each a call of the module that owns it -----------------
+def predict(
+    run: str | Path,
+    inputs: Sequence[str | Path],
+    *,
+    threshold: float | None = None,
+    batch_size: int | None = None,
+    max_pixels: int | None = None,
+    device: str = "auto",
+    engine: str | None = None,
+    cam: str | Path | None = None,
+    cam_class: str | None = None,
+    progress: bool = True,
+) -> Any:
+    """``medxfer predict``: a classification run's rows for image files, folders or globs
+    (``error`` set where an input could not be read), and a Grad-CAM PNG per readable image
+    in ``cam``."""
+    from medxfer.data.options import MAX_PIXELS
+    from medxfer.device import select_device
+    from medxfer.inference.cam import write_cams
+    from medxfer.inference.predict import expand_inputs, predict_files
+
+    model = load_classifier(run)
+    files = expand_inputs([str(i) for i in inputs])
+    model.to(select_device(device), engine)
+    rows = predict_files(
+        model,
+        files,
+        threshold=threshold,
+        batch_size=batch_size,
+        max_pixels=max_pixels or MAX_PIXELS,
+        progress=progress,
+    )
+    if cam:
+        readable = [f for f, e in zip(files, rows.error, strict=True) if e is None]
+        write_cams(model, readable, Path(cam), cam_class)
+    return rows
+
+
+def audit(data: str | Path, *, patient_regex: str | None = None, max_pixels: int | None = None):
+    """``medxfer audit``: task, counts, sizes, unreadable files, duplicates, leaks."""
+    from medxfer.data.audit import audit as audit_data
+    from medxfer.data.options import KERMANY_PATIENT_REGEX, MAX_PIXELS
+
+    regex = patient_regex or KERMANY_PATIENT_REGEX
+    return audit_data(str(data), regex, max_pixels=max_pixels or MAX_PIXELS)
+
+
+def format_audit(report: dict) -> str:
+    from medxfer.data.audit import format_audit as text
+
+    return text(report)
+
+
+def manifest(data: str | Path, out: str | Path, *, label_from_name: str, patient_regex=None):
+    """``medxfer manifest``: a CSV manifest with labels from file names; counts per split."""
+    from medxfer.data.manifest import write_manifest
+    from medxfer.data.options import KERMANY_PATIENT_REGEX
+
+    regex = patient_regex or KERMANY_PATIENT_REGEX
+    return write_manifest(data, out, label_from_name=label_from_name, patient_regex=regex)
+
+
+def models(every: bool = False) -> list[tuple[str, str | None, bool]]:
+    """``medxfer models``: (architecture, ImageNet weights file or None, whether it is here)
+    for the paper's eight, or every torchvision classifier."""
+    from medxfer.models.factory import PAPER_ARCHS
+    from medxfer.models.spec import torchvision_archs
+    from medxfer.models.weights import torchvision_weights
+
+    rows = []
+    for name in torchvision_archs() if every else list(PAPER_ARCHS):
+        found = torchvision_weights(name)
+        rows.append((name, found and found.filename, bool(found and found.cached_path.exists())))
+    return rows
+
+
+def install_weights(path: str | Path) -> Path:
+    """``medxfer weights``: a torchvision weights file put where torch's hub cache looks."""
+    from medxfer.models.weights import install_weights as install
+
+    return install(Path(path))
+
+
+def similarity(request: Any) -> dict:
+    """``medxfer similarity``: feature distances natural vs medical images per stage
+    (``request``: a ``medxfer.similarity.compare.Request``)."""
+    from medxfer.similarity.compare import measure
+
+    return measure(request)
+
+
+def study_cells(study: str | Path, overrides=(), grid=()) -> Any:
+    """``medxfer study show``: the study with its cells (``.cells()``) and skipped cells."""
+    from medxfer.study.spec import load_study
+
+    return load_study(str(study), list(overrides), list(grid))
+
+
+def report(study_dir: str | Path) -> tuple[Path, Path]:
+    """``medxfer report``: the study's Markdown and HTML report."""
+    from medxfer.study.report import write_report
+
+    return write_report(Path(study_dir))
+
+
+def serve(run: str | Path, *, host: str, port: int, device: str = "auto") -> None:
+    """``medxfer serve``: the web page of a trained classification run."""
+    from medxfer.serve import serve as serve_page
+
+    serve_page(run, host=host, port=port, device_name=device)
+
+
+def cache_info(root: str | Path | None = None) -> tuple[Path, dict]:
+    """``medxfer cache info``: the cache folder and, per kind, entries, bytes and folder."""
+    from medxfer.cache import cache_info as info
+    from medxfer.cache import default_cache_dir
+
+    folder = Path(root) if root else default_cache_dir()
+    return folder, info(folder)
+
+
+def clear_cache(
+    root: str | Path | None = None, kinds: Sequence[str] = ()
+) -> tuple[Path, tuple, int]:
+    """``medxfer cache clear``: empty the chosen kinds (default: all); bytes freed."""
+    from medxfer.cache import KINDS, default_cache_dir
+    from medxfer.cache import clear_cache as clear
+
+    folder = Path(root) if root else default_cache_dir()
+    chosen = tuple(kinds) or KINDS
+    return folder, chosen, clear(folder, chosen)

@@ -337,13 +337,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
+    from medxfer.api import audit, format_audit
     from medxfer.atomic import write_json
-    from medxfer.data.audit import audit, format_audit
-    from medxfer.data.splits import KERMANY_PATIENT_REGEX
 
-    report = audit(
-        args.data, args.patient_regex or KERMANY_PATIENT_REGEX, max_pixels=args.max_pixels
-    )
+    report = audit(args.data, patient_regex=args.patient_regex, max_pixels=args.max_pixels)
     if args.json:
         write_json(args.json, report)
     print(format_audit(report))
@@ -351,14 +348,10 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from medxfer.data.manifest import write_manifest
-    from medxfer.data.options import KERMANY_PATIENT_REGEX
+    from medxfer.api import manifest
 
-    counts = write_manifest(
-        args.data,
-        args.out,
-        label_from_name=args.label_from_name,
-        patient_regex=args.patient_regex or KERMANY_PATIENT_REGEX,
+    counts = manifest(
+        args.data, args.out, label_from_name=args.label_from_name, patient_regex=args.patient_regex
     )
     for split, per_label in counts.items():
         print(f"{split}: " + ", ".join(f"{k} {n}" for k, n in sorted(per_label.items())))
@@ -367,18 +360,14 @@ def _manifest(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from medxfer.models.factory import PAPER_ARCHS
-    from medxfer.models.spec import torchvision_archs
-    from medxfer.models.weights import torchvision_weights
+    from medxfer.api import models
 
-    names = torchvision_archs() if args.all else list(PAPER_ARCHS)
     print(f"{'architecture':<28}{'weights file':<40}available here")
-    for name in names:
-        w = torchvision_weights(name)
-        if w is None:
+    for name, filename, here in models(args.all):
+        if filename is None:
             print(f"{name:<28}{'-':<40}no pretrained weights")
             continue
-        print(f"{name:<28}{w.filename:<40}{'yes' if w.cached_path.exists() else 'no'}")
+        print(f"{name:<28}{filename:<40}{'yes' if here else 'no'}")
     print(
         "\nAlso: any timm model as timm/NAME (weights through timm's pretrained config, or "
         "--weights PATH)."
@@ -389,21 +378,19 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from medxfer.api import load_classifier
+    from medxfer.api import predict
     from medxfer.atomic import write_json, write_with
-    from medxfer.device import select_device
-    from medxfer.inference.cam import write_cams
-    from medxfer.inference.predict import expand_inputs, predict_files
 
-    model = load_classifier(args.run)
-    files = expand_inputs(args.inputs)
-    model.to(select_device(args.device), args.engine)
-    rows = predict_files(
-        model,
-        files,
+    rows = predict(
+        args.run,
+        args.inputs,
         threshold=args.threshold,
         batch_size=args.batch_size,
         max_pixels=args.max_pixels,
+        device=args.device,
+        engine=args.engine,
+        cam=args.cam,
+        cam_class=args.cam_class,
         progress=not args.quiet,
     )
     if args.out and args.out.suffix.lower() == ".json":
@@ -412,9 +399,6 @@ def _predict(args: argparse.Namespace) -> int:
         write_with(args.out, lambda tmp: rows.to_csv(tmp, index=False))
     else:
         rows.to_csv(sys.stdout, index=False)
-    if args.cam:
-        readable = [f for f, e in zip(files, rows.error, strict=True) if e is None]
-        write_cams(model, readable, args.cam, args.cam_class)
     failed = rows[rows.error.notna()]
     for _, r in failed.iterrows():
         print(f"medxfer: {r.file}: {r.error}", file=sys.stderr)
@@ -432,10 +416,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _similarity(args: argparse.Namespace) -> int:
-    from medxfer.similarity.compare import Request, measure
+    from medxfer.api import similarity
+    from medxfer.similarity.compare import Request
 
     asked = {f.name: getattr(args, f.name) for f in fields(Request) if f.name != "progress"}
-    result = measure(Request(**asked, progress=not args.quiet))
+    result = similarity(Request(**asked, progress=not args.quiet))
     print(
         f"{'stage':<18}{'dim':>6}{'D(C,M)':>10}{'D(C,C)':>10}{'D(M,M)':>10}{'ratio':>7}"
         f"{'cos':>7}{'FID':>10}" + ("   fine-tuned: ratio   cos     FID" if args.run else "")
@@ -475,9 +460,9 @@ def _study_run(args: argparse.Namespace) -> int:
 
 
 def _study_show(args: argparse.Namespace) -> int:
-    from medxfer.study.spec import load_study
+    from medxfer.api import study_cells
 
-    study = load_study(args.study, args.set, args.grid)
+    study = study_cells(args.study, args.set or (), args.grid or ())
     cells = study.cells()
     print(f"study {study.name}: {len(cells)} cells; base {study.base}")
     for cell in cells:
@@ -488,22 +473,22 @@ def _study_show(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from medxfer.study.report import write_report
+    from medxfer.api import report
 
-    md, html = write_report(args.study_dir)
+    md, html = report(args.study_dir)
     print(f"wrote {md} and {html}")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from medxfer.serve import serve
+    from medxfer.api import serve
 
-    serve(args.run, host=args.host, port=args.port, device_name=args.device)
+    serve(args.run, host=args.host, port=args.port, device=args.device)
     return 0
 
 
 def _weights(args: argparse.Namespace) -> int:
-    from medxfer.models.weights import install_weights
+    from medxfer.api import install_weights
 
     for path in args.files:
         print(f"{path} -> {install_weights(path)}")
@@ -529,11 +514,11 @@ def _add_cache_commands(sub) -> None:
 
 
 def _cache_info(args: argparse.Namespace) -> int:
-    from medxfer.cache import cache_info, default_cache_dir
+    from medxfer.api import cache_info
 
-    root = args.cache_dir or default_cache_dir()
+    root, kinds = cache_info(args.cache_dir)
     print(f"cache {root}")
-    for kind, info in cache_info(root).items():
+    for kind, info in kinds.items():
         print(
             f"{kind:<10}{info['entries']:>8} entries {_size(info['bytes']):>10}  {info['folder']}"
         )
@@ -541,11 +526,10 @@ def _cache_info(args: argparse.Namespace) -> int:
 
 
 def _cache_clear(args: argparse.Namespace) -> int:
-    from medxfer.cache import KINDS, clear_cache, default_cache_dir
+    from medxfer.api import clear_cache
 
-    root = args.cache_dir or default_cache_dir()
-    chosen = tuple(k for k in KINDS if getattr(args, k)) or KINDS
-    freed = clear_cache(root, chosen)
+    asked = [k for k in ("images", "features", "engines") if getattr(args, k)]
+    root, chosen, freed = clear_cache(args.cache_dir, asked)
     print(f"cleared {', '.join(chosen)} in {root}: {_size(freed)} freed")
     return 0
 
@@ -649,13 +633,11 @@ def _add_detect_parser(sub) -> None:
 
 
 def _family_train(args: argparse.Namespace) -> int:
-    from medxfer.families import train_run
+    from medxfer.api import train
 
     options = {f.name: getattr(args, f.name) for f in fields(args.options_class)}
-    options["task"] = args.family
-    log = (lambda _m: None) if args.quiet else print
-    run = train_run(options, log=log, overwrite=args.overwrite)
-    test = json.loads((run / "metrics.json").read_text()).get("test") or {}
+    run = train(task=args.family, quiet=args.quiet, overwrite=args.overwrite, **options)
+    test = run.read_metrics().get("test") or {}
     shown = " ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
     print(f"{run}: test {shown}")
     return 0
