@@ -119,7 +119,7 @@ def test_segmentation_evaluate_on_other_data_equals_dice_by_hand(runs):
     other = _lung_manifest(runs["root"] / "other.csv", {"test": 10})  # other test images too
     result = medxfer.evaluate(runs["seg"], other)
     trained = medxfer.load(runs["seg"])
-    data = load_segmentation(other, 32)
+    data = load_segmentation(other, 32, needs=("test",))
     idx = data.splits["test"]
     with torch.no_grad():
         x = data.images[idx].unsqueeze(1).float() / 255
@@ -142,7 +142,7 @@ def test_detection_evaluate_reproduces_the_runs_test_map_and_scores_other_data(r
     other = _bccd_csv(runs["root"] / "other.csv", {"train": 1, "test": 6})
     scored = medxfer.evaluate(runs["det"], other)
     assert scored["n"] == 6 and 0.0 <= scored["map_50"] <= 1.0
-    with pytest.raises(MedxferError, match="no 'val' split"):
+    with pytest.raises(MedxferError, match="no images in the val split"):
         medxfer.evaluate(runs["det"], other, split="val")
     with pytest.raises(MedxferError, match="apply to classification runs"):
         medxfer.evaluate(runs["seg"], runs["lung"], threshold=0.3)

@@ -15,49 +15,6 @@ from pathlib import Path
 from medxfer.config import ENGINES
 from medxfer.errors import MedxferError, MedxferWarning
 
-TRAIN_HELP = {
-    "arch": "torchvision classifier name (e.g. resnet18) or timm/NAME",
-    "mode": "transfer (frozen ImageNet backbone, new head), scratch, finetune, or partial",
-    "bn": "BatchNorm of frozen layers: frozen (eval statistics), adapt (re-estimated once on "
-    "the training X-rays), train (batch statistics)",
-    "trainable_stages": "partial mode: how many of the last backbone stages train",
-    "normalize": "paper (mean 0.5, std 0.5) or imagenet (the weights' own mean/std)",
-    "weights": "a local weights file instead of the standard download",
-    "weights_tag": "torchvision weights enum member",
-    "image_size": "working resolution (default: 224, 299 for inception_v3)",
-    "augment": "augmentation preset: paper or none",
-    "feature_cache": "frozen backbones: compute features once per view, train the head on them",
-    "views": "augmented views per training image kept in the feature cache",
-    "eval_batch_size": "batch size for evaluation and feature extraction",
-    "optimizer": "adam, adamw or sgd",
-    "task": "auto (binary for 2 classes, multiclass for more, multilabel for label sets), "
-    "binary, multiclass or multilabel; segmentation or detection run `medxfer segment train` "
-    "or `medxfer detect train` (see their --help for their options)",
-    "color": "auto (gray when every image has R = G = B), gray or rgb",
-    "val_fraction": "carve this fraction of train (by patient, stratified) into validation "
-    "(default 0.1; not with --folds)",
-    "folds": "K-fold cross-validation over train+val, grouped by patient (with --fold)",
-    "fold": "which fold (0..K-1) is the validation set",
-    "patient_regex": "regex whose first group is the patient id in a file name",
-    "positive": "positive class (default: PNEUMONIA, else the second class in sorted order)",
-    "select": "best-epoch rule on validation data: val_loss, val_auc or last",
-    "threshold": "operating point chosen on validation: 0.5 (default), youden, or sens=0.95; "
-    "per label for multilabel tasks; not for multiclass tasks",
-    "calibrate": "temperature: fit a temperature on validation logits (Guo et al. 2017)",
-    "device": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps",
-    "amp": "mixed precision on CUDA (bf16 where supported)",
-    "engine": "who runs frozen networks forward (features, evaluation, predict): auto "
-    "(onnxruntime on a CPU, torch elsewhere), torch or onnxruntime",
-    "skip_bad": "leave unreadable images out (listed in metrics.json) instead of stopping",
-    "bootstrap": "bootstrap resamples for the 95%% intervals of test metrics (0: none)",
-    "limit_per_class": "use at most N images per class in each split (quick looks, tests)",
-    "cache_dir": "cache of decoded images and features (default: $MEDXFER_CACHE or "
-    "~/.cache/medxfer)",
-    "track": "experiment tracking: none or mlflow (params, every epoch, test metrics, files)",
-    "tracking_uri": "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite store "
-    "mlflow.db in the run folder)",
-}
-
 
 def main(argv: list[str] | None = None) -> int:
     from medxfer.runtime import tune_allocator
@@ -259,12 +216,12 @@ def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     from medxfer.config import RunConfig
 
-    _add_options(parser, RunConfig, TRAIN_HELP)
+    _add_options(parser, RunConfig)
 
 
-def _add_options(parser: argparse.ArgumentParser, options: type, helps: dict[str, str]) -> None:
+def _add_options(parser: argparse.ArgumentParser, options: type) -> None:
     """A flag per field of the options dataclass ``options`` (but ``data`` and ``out``), its
-    type and default from the field: one rule for every task's ``train``."""
+    type, default and help from the field and its metadata: one rule for every ``train``."""
     hints = typing.get_type_hints(options)
     group = parser.add_argument_group("run options (all saved in config.json)")
     for f in fields(options):
@@ -273,7 +230,7 @@ def _add_options(parser: argparse.ArgumentParser, options: type, helps: dict[str
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
         kind = _base_type(hints[f.name])
-        help_text = (helps.get(f.name) or TRAIN_HELP.get(f.name, "")) + f" (default: {default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
         if kind is bool:
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
@@ -549,29 +506,6 @@ def _size(n: float) -> str:
 
 FAMILY_COMMAND = {"segmentation": "segment", "detection": "detect"}
 
-SEGMENT_HELP = {
-    "image_size": "working resolution: images and masks resized to a square of this side",
-    "labels": "mask values, comma-separated; the i-th becomes class i (0,255: binary)",
-    "criterion": "training loss: ce+dice, ce or dice",
-    "ce_weight": "weight of the per-pixel cross-entropy in ce+dice",
-    "dice_weight": "weight of the soft Dice loss in ce+dice",
-    "decoder_width": "channels of every U-Net decoder level",
-    "select": "best-epoch rule on validation data: val_dice, val_loss or last",
-    "feature_cache": "frozen encoder: encode validation and test images once",
-    "bootstrap": "bootstrap resamples for the 95%% intervals of test metrics (0: none)",
-}
-DETECT_HELP = {
-    "arch": "backbone: mobilenet_v2, resnet18, timm/tf_efficientnet_lite0, ...",
-    "mode": "transfer (frozen ImageNet backbone), scratch, or finetune",
-    "image_size": "longer image side at the working resolution",
-    "optimizer": "sgd (momentum 0.9) or adamw",
-    "classes": "comma-separated class names; none: those of the training boxes",
-    "fpn_channels": "channels of the feature pyramid and the detection heads",
-    "augment": "random horizontal and vertical flips of training images",
-    "limit": "use only the first N images of each split (quick looks, tests)",
-}
-
-
 def _task_family_alias(argv: list[str]) -> list[str]:
     """``train --task segmentation ...`` -> ``segment train ...`` (and detection likewise);
     global options before the command (``--allocator X``) stay where they are."""
@@ -589,7 +523,7 @@ def _task_family_alias(argv: list[str]) -> list[str]:
     return head + argv
 
 
-def _add_family_parser(sub, command: str, options: type, helps: dict[str, str]) -> None:
+def _add_family_parser(sub, command: str, options: type) -> None:
     """``medxfer segment|detect``: train (the options of ``options``), predict, export."""
     what = {"segment": "segmentation (masks)", "detect": "object detection (boxes)"}[command]
     p = sub.add_parser(command, help=f"{what} on an ImageNet backbone")
@@ -598,7 +532,7 @@ def _add_family_parser(sub, command: str, options: type, helps: dict[str, str]) 
     data_help = {"segment": "folder with split.csv, or a CSV manifest"}
     q.add_argument("--data", required=True, help=data_help.get(command, "VOC folder or CSV"))
     q.add_argument("--out", required=True, help="run folder to write")
-    _add_options(q, options, helps)
+    _add_options(q, options)
     q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     q.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     family = next(f for f, c in FAMILY_COMMAND.items() if c == command)
@@ -623,13 +557,13 @@ def _add_family_parser(sub, command: str, options: type, helps: dict[str, str]) 
 def _add_segment_parser(sub) -> None:
     from medxfer.segmentation.options import SegmentationOptions
 
-    _add_family_parser(sub, "segment", SegmentationOptions, SEGMENT_HELP)
+    _add_family_parser(sub, "segment", SegmentationOptions)
 
 
 def _add_detect_parser(sub) -> None:
     from medxfer.detection.options import DetectionOptions
 
-    _add_family_parser(sub, "detect", DetectionOptions, DETECT_HELP)
+    _add_family_parser(sub, "detect", DetectionOptions)
 
 
 def _family_train(args: argparse.Namespace) -> int:

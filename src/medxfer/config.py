@@ -4,81 +4,99 @@ value is checked when a config is built."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from medxfer.data.options import KERMANY_PATIENT_REGEX, MAX_PIXELS, DataOptions
 from medxfer.errors import MedxferError
 from medxfer.models.spec import DEFAULT_TAG, ModelSpec, default_image_size
+from medxfer.options import LayerOptions, check_options, from_values, option
 
 DEFAULT_VAL_FRACTION = 0.1
 TASK_CHOICES = ("auto", "binary", "multiclass", "multilabel")
 COLOR_CHOICES = ("auto", "gray", "rgb")
 AUGMENTATIONS = ("paper", "none")
-OPTIMIZERS = ("adam", "adamw", "sgd")
 CALIBRATIONS = ("none", "temperature")
 SELECTIONS = ("val_loss", "val_auc", "last")
-TRACKERS = ("none", "mlflow")
-SWITCHES = ("feature_cache", "amp", "skip_bad")  # must be real booleans ("no" reads as true)
 ENGINES = ("auto", "torch", "onnxruntime")
 
 
 @dataclass
-class RunConfig:
-    data: str
-    out: str
-    task: str = "auto"  # auto: binary for 2 classes, multiclass for more, multilabel for label sets
-    arch: str = "mobilenet_v2"
-    mode: str = "transfer"
-    bn: str = "frozen"
-    trainable_stages: int = 1
-    normalize: str = "paper"
-    weights: str | None = None
-    weights_tag: str = DEFAULT_TAG
-    image_size: int | None = None  # None: the architecture's own (299 for inception_v3)
-    color: str = "auto"  # auto: gray when every image has R = G = B
-    augment: str = "paper"
-    feature_cache: bool = True  # frozen backbones: train the head on cached features
-    views: int = 2  # augmented views per training image in the feature cache
-    epochs: int = 20
-    batch_size: int = 64
-    eval_batch_size: int | None = None  # None: 8 on CPU (fastest there), 256 on GPUs
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    val_fraction: float | None = None  # None: 0.1, or no carving when --folds is given
-    folds: int | None = None  # K-fold cross-validation over train+val ...
-    fold: int | None = None  # ... with this fold as the validation set
-    patient_regex: str = KERMANY_PATIENT_REGEX
-    positive: str | None = None
-    select: str = "val_loss"
-    threshold: str | None = None  # None: 0.5 (binary, multilabel); multiclass takes none
-    calibrate: str = "none"  # none | temperature (fitted on validation data)
-    seed: int = 0
-    device: str = "auto"
-    engine: str = "auto"  # frozen forward passes: auto = onnxruntime on a CPU, torch elsewhere
-    amp: bool = True
-    skip_bad: bool = False
-    bootstrap: int = 1000
-    limit_per_class: int | None = None  # use at most this many images per class and split
-    cache_dir: str | None = None
-    max_pixels: int = MAX_PIXELS  # larger images are unreadable inputs (decompression bombs)
-    track: str = "none"  # none | mlflow: log params, epochs, metrics and files to MLflow
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a store in the run folder
+class RunConfig(LayerOptions):
+    """A classification run: the shared parts (``medxfer.options``) and its own options."""
 
-    # Fields that do not change what a run computes; a run may resume under other values.
-    RESUMABLE_DIFFERENCES = (
-        "out",
-        "device",
-        "engine",
-        "cache_dir",
-        "eval_batch_size",
-        "track",
-        "tracking_uri",
+    task: str = option(
+        "auto",
+        "auto (binary for 2 classes, multiclass for more, multilabel for label sets), binary, "
+        "multiclass or multilabel; segmentation or detection run `medxfer segment train` or "
+        "`medxfer detect train` (see their --help for their options)",
+        choices=TASK_CHOICES,
+    )
+    weights_tag: str = option(DEFAULT_TAG, "torchvision weights enum member")
+    image_size: int | None = option(
+        None, "working resolution (default: 224, 299 for inception_v3)", min=32
+    )
+    color: str = option(
+        "auto", "auto (gray when every image has R = G = B), gray or rgb", choices=COLOR_CHOICES
+    )
+    augment: str = option("paper", "augmentation preset: paper or none", choices=AUGMENTATIONS)
+    feature_cache: bool = option(
+        True, "frozen backbones: compute features once per view, train the head on them"
+    )
+    views: int = option(2, "augmented views per training image kept in the feature cache", min=1)
+    val_fraction: float | None = option(
+        None,
+        "carve this fraction of train (by patient, stratified) into validation (default 0.1; "
+        "not with --folds)",
+    )
+    folds: int | None = option(
+        None, "K-fold cross-validation over train+val, grouped by patient (with --fold)"
+    )
+    fold: int | None = option(None, "which fold (0..K-1) is the validation set")
+    patient_regex: str = option(
+        KERMANY_PATIENT_REGEX, "regex whose first group is the patient id in a file name"
+    )
+    positive: str | None = option(
+        None, "positive class (default: PNEUMONIA, else the second class in sorted order)"
+    )
+    select: str = option(
+        "val_loss",
+        "best-epoch rule on validation data: val_loss, val_auc or last",
+        choices=SELECTIONS,
+    )
+    threshold: str | None = option(
+        None,
+        "operating point chosen on validation: 0.5 (default), youden, or sens=0.95; per label "
+        "for multilabel tasks; not for multiclass tasks",
+    )
+    calibrate: str = option(
+        "none",
+        "temperature: fit a temperature on validation logits (Guo et al. 2017)",
+        choices=CALIBRATIONS,
+    )
+    engine: str = option(
+        "auto",
+        "who runs frozen networks forward (features, evaluation, predict): auto (onnxruntime on "
+        "a CPU, torch elsewhere), torch or onnxruntime",
+        choices=ENGINES,
+    )
+    skip_bad: bool = option(
+        False, "leave unreadable images out (listed in metrics.json) instead of stopping"
+    )
+    limit_per_class: int | None = option(
+        None, "use at most N images per class in each split (quick looks, tests)"
+    )
+    cache_dir: str | None = option(
+        None,
+        "cache of decoded images and features (default: $MEDXFER_CACHE or ~/.cache/medxfer)",
+    )
+    max_pixels: int = option(
+        MAX_PIXELS, "refuse images with more pixels than this (decompression bombs)", min=1
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.threshold, int | float) and not isinstance(self.threshold, bool):
+            self.threshold = str(self.threshold)  # a study file's ``threshold = 0.5``
         self.validate()
 
     @property
@@ -126,34 +144,19 @@ class RunConfig:
         """Refuse any value a run could not use, before anything is read or written."""
         from medxfer.evaluation.thresholds import check_threshold_rule
 
+        check_options(self)
         self.model_spec.validate()
         if self.threshold is not None:
             check_threshold_rule(self.threshold)
-        for name, allowed in (
-            ("task", TASK_CHOICES),
-            ("color", COLOR_CHOICES),
-            ("augment", AUGMENTATIONS),
-            ("optimizer", OPTIMIZERS),
-            ("calibrate", CALIBRATIONS),
-            ("select", SELECTIONS),
-            ("track", TRACKERS),
-            ("engine", ENGINES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise MedxferError(
-                    f"--{name} {getattr(self, name)!r}: choose from {', '.join(allowed)}"
-                )
-        checks = [
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (
-                self.batch_size >= 1 and (self.eval_batch_size or 1) >= 1,
-                "batch sizes must be positive",
-            ),
-            (self.lr > 0, "--lr must be positive"),
-            (self.views >= 1, "--views must be at least 1"),
-            (self.resolution >= 32, "--image-size must be at least 32"),
-            (self.bootstrap >= 0, "--bootstrap must be 0 or more"),
-            (self.max_pixels >= 1, "--max-pixels must be positive"),
+        for ok, message in self._cross_checks():
+            if not ok:
+                raise MedxferError(message)
+        self.data_options().validate()
+
+    def _cross_checks(self) -> list[tuple[bool, str]]:
+        """Rules between options (one value alone is checked from its field's metadata)."""
+        folds = self.folds or 0
+        return [
             (
                 self.task != "multiclass" or self.threshold is None,
                 "--threshold: a multi-class task decides by the most probable class; "
@@ -167,38 +170,16 @@ class RunConfig:
                 not (self.folds and self.val_fraction),
                 "--folds replaces --val-fraction: give one of them",
             ),
+            ((self.folds is None) == (self.fold is None), "--folds K and --fold f go together"),
             (
-                (self.folds is None) == (self.fold is None),
-                "--folds K and --fold f go together",
-            ),
-            (
-                self.folds is None or (self.folds >= 2 and 0 <= (self.fold or 0) < self.folds),
-                f"--fold must be in 0..{(self.folds or 0) - 1} and --folds at least 2",
+                self.folds is None or (folds >= 2 and 0 <= (self.fold or 0) < folds),
+                f"--fold must be in 0..{folds - 1} and --folds at least 2",
             ),
             (
                 self.val_fraction is None or 0 <= self.val_fraction < 0.5,
                 f"--val-fraction {self.val_fraction}: must be in [0, 0.5)",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise MedxferError(message)
-        self._validate_numbers()
-        self.data_options().validate()
-
-    def _validate_numbers(self) -> None:
-        for name in SWITCHES:
-            if not isinstance(getattr(self, name), bool):
-                raise MedxferError(
-                    f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be true or false"
-                )
-        for ok, message in (
-            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be 0 or more"),
-            (0 <= self.momentum < 1, f"--momentum {self.momentum}: must be in [0, 1)"),
-            (self.seed >= 0, f"--seed {self.seed}: must be 0 or more"),
-        ):
-            if not ok:
-                raise MedxferError(message)
 
     def data_options(self, *, own_splits: bool = False) -> DataOptions:
         """How this run reads its data; ``own_splits``: the dataset's splits as they are
@@ -222,49 +203,4 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MedxferError(f"unknown run option(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def differences(self, other: RunConfig) -> list[str]:
-        """Names of the fields that differ in ways that change results."""
-        a, b = self.to_dict(), other.to_dict()
-        return [k for k in a if k not in self.RESUMABLE_DIFFERENCES and a[k] != b[k]]
-
-
-def check_types(options) -> None:
-    """Every field of the options dataclass ``options`` holds a value of its annotated type
-    (``int`` for ``int``, a number for ``float``, ``True``/``False`` for ``bool``, text for
-    ``str``, a list of text for ``list[str]``; None where the annotation allows it): values
-    from a study file, ``--set`` or the Python API are refused in one line otherwise."""
-    import typing
-    from dataclasses import fields
-
-    hints = typing.get_type_hints(type(options))
-    for f in fields(options):
-        value, hint = getattr(options, f.name), hints[f.name]
-        allowed = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        if value is None and type(None) in typing.get_args(hint):
-            continue
-        if not any(_is_a(value, kind) for kind in allowed):
-            names = " or ".join(_KIND_NAMES.get(k, "a list of names") for k in allowed)
-            raise MedxferError(f"--{f.name.replace('_', '-')} {value!r}: must be {names}")
-
-
-_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
-
-
-def _is_a(value, kind) -> bool:
-    import typing
-
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if typing.get_origin(kind) is list:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    return isinstance(value, kind)
+        return from_values(cls, values)

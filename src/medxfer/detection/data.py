@@ -67,13 +67,18 @@ class DetectionData:
 
 
 def load_detection_data(
-    source: str | Path, classes: list[str] | None = None, limit: int | None = None
+    source: str | Path,
+    classes: list[str] | None = None,
+    limit: int | None = None,
+    *,
+    needs: tuple[str, ...] = ("train", "val"),
 ) -> DetectionData:
     """Read, clip and check the annotations of ``source`` (VOC folder or CSV).
 
     ``classes``: the declared classes; default the classes of the training boxes (sorted).
     Any box of another class is an error naming its file. ``limit``: the first N images of
-    each split only (quick looks, tests).
+    each split only (quick looks, tests). ``needs``: the splits that must hold images
+    (training needs train and val; scoring a trained model, the split it scores).
     """
     source = Path(source)
     if source.suffix.lower() == ".csv":
@@ -84,10 +89,11 @@ def load_detection_data(
         raise MedxferError(f"{source}: not a VOC folder or a .csv of boxes")
     if limit:
         raw = {split: items[:limit] for split, items in raw.items()}
-    for split in ("train", "val"):
+    for split in needs:
         if not raw.get(split):
             raise MedxferError(f"{source}: no images in the {split} split")
-    declared = tuple(classes) if classes else tuple(sorted({n for a in raw["train"] for n in a[2]}))
+    found = {n for a in raw.get("train", []) for n in a[2]}
+    declared = tuple(classes) if classes else tuple(sorted(found))
     splits: dict[str, list[Annotated]] = {}
     counts: dict[str, BoxCounts] = {}
     for split, items in raw.items():

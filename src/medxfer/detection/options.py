@@ -1,62 +1,49 @@
-"""The options of a detection run: light to import, so the command line and studies can list
-them without loading torchvision."""
+"""The options of a detection run: the shared parts (``medxfer.options``) and the detector's
+own; light to import, so the command line and studies can list them without torchvision."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from medxfer.errors import MedxferError
+from medxfer.options import TrainingOptions, check_options, option
 
 OPTIMIZERS = ("sgd", "adamw")
 MODES = ("transfer", "scratch", "finetune")
 
 
 @dataclass
-class DetectionOptions:
+class DetectionOptions(TrainingOptions):
     """Every option of a detection run (all land in config.json)."""
 
-    data: str
-    out: str
-    arch: str = "mobilenet_v2"
-    mode: str = "transfer"
-    image_size: int = 320
-    epochs: int = 10
-    batch_size: int = 4
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    weight_decay: float = 1e-4
-    classes: list[str] | None = None
-    weights: str | None = None
-    fpn_channels: int = 64
-    augment: bool = True
-    limit: int | None = None
-    bootstrap: int = 1000
-    seed: int = 0
-    device: str = "auto"
+    mode: str = option(
+        "transfer", "transfer (frozen ImageNet backbone), scratch, or finetune", choices=MODES
+    )
+    arch: str = option(
+        "mobilenet_v2", "backbone: mobilenet_v2, resnet18, timm/tf_efficientnet_lite0, ..."
+    )
+    epochs: int = option(10, "training epochs", min=1)
+    batch_size: int = option(4, "training batch size", min=1)
+    optimizer: str = option("sgd", "sgd (momentum 0.9) or adamw", choices=OPTIMIZERS)
+    lr: float = option(0.01, "learning rate", above=0.0)
+    weight_decay: float = option(1e-4, "weight decay", min=0.0)
+    image_size: int = option(320, "longer image side at the working resolution", min=1)
+    classes: list[str] | None = field(
+        default=None,
+        metadata={"help": "comma-separated class names; none: those of the training boxes"},
+    )
+    fpn_channels: int = option(64, "channels of the feature pyramid and the detection heads", min=1)
+    augment: bool = option(True, "random horizontal and vertical flips of training images")
+    limit: int | None = option(
+        None, "use only the first N images of each split (quick looks, tests)", min=1
+    )
 
     def validate(self) -> None:
-        from medxfer.config import check_types
-
-        check_types(self)
-        if self.optimizer not in OPTIMIZERS:
-            raise MedxferError(f"--optimizer {self.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
-        if self.mode not in MODES:
-            raise MedxferError(
-                f"--mode {self.mode!r}: unknown for detection (choose from {', '.join(MODES)})"
-            )
-        for name in ("image_size", "epochs", "batch_size", "fpn_channels"):
-            if getattr(self, name) < 1:
-                raise MedxferError(f"--{name.replace('_', '-')} must be at least 1")
-        for ok, message in (
-            (self.lr > 0 and self.weight_decay >= 0, "--lr must be positive, --weight-decay >= 0"),
-            ((self.limit or 1) >= 1, "--limit must be at least 1"),
-            (self.bootstrap >= 0, "--bootstrap must be 0 (no intervals) or more"),
-            (self.seed >= 0, "--seed must be 0 or more"),
-        ):
-            if not ok:
-                raise MedxferError(message)
+        check_options(self)
 
 
-def options_from_dict(values: dict) -> DetectionOptions:
+def options_from_dict(values: dict[str, Any]) -> DetectionOptions:
+    """Options as a run folder stores them; runs of earlier versions lack the options added
+    since (their defaults apply)."""
     known = {f.name for f in fields(DetectionOptions)}
     return DetectionOptions(**{k: v for k, v in values.items() if k in known})

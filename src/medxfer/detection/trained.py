@@ -12,7 +12,6 @@ import torch
 from medxfer.detection.model import DetectorSpec, build_detector
 from medxfer.detection.options import DetectionOptions, options_from_dict
 from medxfer.device import select_device
-from medxfer.errors import MedxferError
 from medxfer.storage.model_file import ModelFile, Reloadable
 
 
@@ -51,12 +50,10 @@ class TrainedDetector(Reloadable):
     def evaluate(self, data: str | Path, split: str = "test", *, device: str = "auto") -> dict:
         """mAP@0.5 and mAP@[.5:.95], overall and per class, on ``split`` of a VOC folder or
         box CSV with this detector's classes."""
-        from medxfer.detection.data import box_loader, decode_split
+        from medxfer.detection.data import box_loader, decode_split, load_detection_data
         from medxfer.detection.engine import evaluate
 
-        found = load_data(data, self.spec.classes)
-        if not found.splits.get(split):
-            raise MedxferError(f"{data}: no {split!r} split")
+        found = load_detection_data(data, list(self.spec.classes), needs=(split,))
         dev = select_device(device)
         batch = self.options.batch_size if self.options else 4
         images = box_loader(decode_split(found, split, self.spec.image_size), batch)
@@ -83,9 +80,3 @@ def load_detector(run: str | Path) -> tuple[torch.nn.Module, DetectorSpec]:
     """The trained detector of a run folder (eval mode, CPU) and its spec."""
     trained = TrainedDetector.load(run)
     return trained.model, trained.spec
-
-
-def load_data(data: str | Path, classes: list[str]):
-    from medxfer.detection.data import load_detection_data
-
-    return load_detection_data(data, list(classes))

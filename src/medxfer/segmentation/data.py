@@ -51,9 +51,15 @@ class SegmentationData:
 
 
 def load_segmentation(
-    location: str | Path, size: int, *, labels: tuple[int, ...] = BINARY
+    location: str | Path,
+    size: int,
+    *,
+    labels: tuple[int, ...] = BINARY,
+    needs: tuple[str, ...] = ("train", "test"),
 ) -> SegmentationData:
-    """Read the manifest, decode every pair at ``size`` px. Raises MedxferError on bad input."""
+    """Read the manifest, decode every pair at ``size`` px; the splits ``needs`` must be there
+    (training needs train and test; scoring a trained model, the split it scores). Raises
+    MedxferError on bad input."""
     if len(set(labels)) != len(labels) or len(labels) < 2:
         raise MedxferError(f"labels {labels}: need at least two distinct mask values")
     table, root = read_manifest(Path(location))
@@ -67,7 +73,7 @@ def load_segmentation(
         for s in SPLITS
         if (table["split"] == s).any()
     }
-    for needed in ("train", "test"):
+    for needed in needs:
         if needed not in splits:
             raise MedxferError(f"{location}: no {needed!r} rows in the split column")
     return SegmentationData(

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from medxfer.device import inference_batch_size, select_device
-from medxfer.errors import MedxferError
 from medxfer.segmentation.model import SegmentationModel
 from medxfer.segmentation.options import SegmentationOptions, options_from_dict
 from medxfer.storage.model_file import ModelFile, Reloadable
@@ -55,9 +54,8 @@ class TrainedSegmenter(Reloadable):
         from medxfer.segmentation.losses import SegmentationLoss
         from medxfer.segmentation.metrics import per_image, summarize
 
-        found = load_segmentation(data, self.options.image_size, labels=tuple(self.labels))
-        if split not in found.splits:
-            raise MedxferError(f"{data}: no {split!r} split")
+        size, labels = self.options.image_size, tuple(self.labels)
+        found = load_segmentation(data, size, labels=labels, needs=(split,))
         dev = select_device(device)
         batch = inference_batch_size(self.options.eval_batch_size, dev)
         rows_of = found.splits[split]
