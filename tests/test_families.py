@@ -146,3 +146,31 @@ def test_detection_evaluate_reproduces_the_runs_test_map_and_scores_other_data(r
         medxfer.evaluate(runs["det"], other, split="val")
     with pytest.raises(MedxferError, match="apply to classification runs"):
         medxfer.evaluate(runs["seg"], runs["lung"], threshold=0.3)
+
+
+@needs_data
+def test_detection_exports_to_onnx_that_onnxruntime_runs_as_pytorch(runs):
+    import copy
+
+    from medxfer.detection.data import decode_rgb
+    from medxfer.detection.export import ImageDetector, check_agreement, run_onnx
+
+    trained = medxfer.load(runs["det"])
+    path = trained.export()
+    assert path == runs["det"].path / "model.onnx" and path.with_suffix(".onnx.json").exists()
+    image = sorted((BCCD / "JPEGImages").glob("*.jpg"))[-1]  # a real, non-square image
+    pixels, _ = decode_rgb(image, trained.spec.image_size)
+    x = pixels.float() / 255
+    boxes, labels, scores = run_onnx(path, x)
+    with torch.inference_mode():
+        found = medxfer.load(runs["det"]).model([x])[0]  # reloaded: independent of the export
+    assert boxes.shape == tuple(found["boxes"].shape) and len(boxes) > 0
+    np.testing.assert_allclose(boxes, found["boxes"].numpy(), atol=1e-3)
+    np.testing.assert_allclose(scores, found["scores"].numpy(), atol=1e-4)
+    np.testing.assert_array_equal(labels, found["labels"].numpy())
+    other = copy.deepcopy(trained.model)
+    with torch.no_grad():
+        for p in other.roi_heads.parameters():
+            p.add_(0.05)
+    with pytest.raises(MedxferError, match="ONNX"):  # a graph that is not this model's
+        check_agreement(path, ImageDetector(other).eval(), x)
