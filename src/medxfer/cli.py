@@ -60,7 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
         "leave malloc alone (default: $MEDXFER_ALLOCATOR, else tuned)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_train_commands,
+        _add_data_commands,
+        _add_model_commands,
+        _add_similarity_command,
+        _add_study_commands,
+        _add_service_commands,
+        _add_cache_commands,
+        _add_segment_parser,
+        _add_detect_parser,
+    ):
+        add(sub)
+    return parser
 
+
+def _add_train_commands(sub) -> None:
+    """``train`` and ``evaluate``."""
     p = sub.add_parser("train", help="train one run (resumes an interrupted one)")
     p.add_argument("--data", required=True, help="folder tree, .npz or .csv manifest")
     p.add_argument("--out", required=True, help="run folder to write")
@@ -80,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_evaluate)
 
+
+def _add_data_commands(sub) -> None:
+    """``audit``, ``manifest`` and ``models``."""
     p = sub.add_parser("audit", help="counts, sizes, unreadable files, duplicates, leaks")
     p.add_argument("data")
     p.add_argument("--patient-regex", default=None)
@@ -98,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every torchvision classifier")
     p.set_defaults(handler=_models)
 
+
+def _add_model_commands(sub) -> None:
+    """``predict`` and ``export`` of a trained classification run."""
     p = sub.add_parser("predict", help="probabilities for new images (files, folders, globs)")
     p.add_argument("run", type=Path)
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
@@ -128,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_export)
 
+
+def _add_similarity_command(sub) -> None:
     p = sub.add_parser("similarity", help="feature distance between natural and medical images")
     p.add_argument("--arch", help="architecture (default: the run's)")
     p.add_argument("--natural", required=True, help="folder of natural photos")
@@ -149,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_similarity)
 
+
+def _add_study_commands(sub) -> None:
+    """``study run|show``."""
     p = sub.add_parser("study", help="run a grid of experiments (locally or on Ray)")
     study = p.add_subparsers(dest="study_command", required=True)
     for name in ("run", "show"):
@@ -181,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--gpus-per-cell", type=float, default=0, help="ray: GPUs per cell")
         q.set_defaults(handler=_study_run if name == "run" else _study_show)
 
+
+def _add_service_commands(sub) -> None:
+    """``report``, ``serve`` and ``weights``."""
     p = sub.add_parser("report", help="Markdown + HTML report of a study's results")
     p.add_argument("study_dir", type=Path)
     p.set_defaults(handler=_report)
@@ -195,11 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("weights", help="put weight files where torch's hub cache looks")
     p.add_argument("files", nargs="+", type=Path)
     p.set_defaults(handler=_weights)
-
-    _add_cache_commands(sub)
-    _add_segment_parser(sub)
-    _add_detect_parser(sub)
-    return parser
 
 
 def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
@@ -505,6 +530,7 @@ def _size(n: float) -> str:
 # ``medxfer segment|detect train ...`` (see ``_task_family_alias``).
 
 FAMILY_COMMAND = {"segmentation": "segment", "detection": "detect"}
+
 
 def _task_family_alias(argv: list[str]) -> list[str]:
     """``train --task segmentation ...`` -> ``segment train ...`` (and detection likewise);
