@@ -17,6 +17,7 @@ everything, BatchNorm in train mode.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -101,13 +102,11 @@ class PyramidBackbone(nn.Module):
         self._seen: dict[str, torch.Tensor] = {}
         modules = dict(body.named_modules())
         for name in taps:
-            modules[name].register_forward_hook(self._keep(name))
+            # a partial of a bound method, not a closure: deepcopy then rebinds it to the copy
+            modules[name].register_forward_hook(functools.partial(self._keep, name))
 
-    def _keep(self, name: str):
-        def hook(_module, _inputs, output):
-            self._seen[name] = output
-
-        return hook
+    def _keep(self, name: str, _module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        self._seen[name] = output
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         self._seen = {}
