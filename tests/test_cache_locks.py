@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -17,15 +18,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medxfer.cache import SUFFIX, ArrayCache, cache_info, read_entry
+from medxfer.cache import ChunkedArray, cache_info
 from medxfer.errors import MedxferError, MedxferWarning
 from tests.conftest import ROOT, make_subset
 
 TINY = dict(image_size=32, epochs=2, bootstrap=0, val_fraction=0.25)
-
-
-def _entries(folder: Path) -> list[Path]:
-    return sorted(folder.glob(f"*{SUFFIX}"))
 
 
 def _quiet_train(cfg):
@@ -37,66 +34,66 @@ def _quiet_train(cfg):
 # ---------------------------------------------------------------- the array cache itself
 
 
+def _store(root, parts, shape=(64, 64), dtype=np.uint8, chunk_rows=16) -> ChunkedArray:
+    return ChunkedArray(root, "images", parts, shape, dtype, chunk_rows)
+
+
 def test_entry_round_trip_keeps_array_and_metadata(tmp_path):
-    cache = ArrayCache(tmp_path, "features")
     array = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
-    cache.save({"a": 1}, array, {"note": "x"})
-    entry = cache.load({"a": 1})
-    np.testing.assert_array_equal(entry.array, array)
-    assert entry.array.dtype == np.float32 and entry.meta == {"note": "x"}
-    assert cache.load({"a": 2}) is None  # another key: a plain miss, no warning
+    _store(tmp_path, {"a": 1}, array.shape, np.float32, 7).write(0, array, {"note": "x"})
+    entry = _store(tmp_path, {"a": 1}, array.shape, np.float32, 7)
+    assert entry.missing() == []
+    got = entry.read(np.arange(7))
+    np.testing.assert_array_equal(got, array)
+    assert got.dtype == np.float32 and entry.meta(0) == {"note": "x"}
+    assert _store(tmp_path, {"a": 2}, array.shape, np.float32, 7).missing() == [0]  # no warning
 
 
-@pytest.mark.parametrize("where", ["data", "last byte", "header"])
+@pytest.mark.parametrize("where", ["first byte", "middle", "last byte"])
 def test_flipped_byte_of_same_size_is_detected(tmp_path, where, recwarn):
-    cache = ArrayCache(tmp_path, "images")
     array = np.arange(4096, dtype=np.uint8).reshape(64, 64)
-    path = cache.save({"k": 1}, array)
-    raw = bytearray(path.read_bytes())
-    index = {"data": len(raw) - 2000, "last byte": len(raw) - 1, "header": 40}[where]
+    store = _store(tmp_path, {"k": 1})
+    for chunk in range(4):
+        store.write(chunk, array[16 * chunk : 16 * chunk + 16])
+    raw = bytearray(store.data.read_bytes())
+    index = {"first byte": 0, "middle": 2100, "last byte": len(raw) - 1}[where]
     raw[index] ^= 0x01
-    path.write_bytes(bytes(raw))
-    assert path.stat().st_size == len(raw)
-    assert cache.load({"k": 1}) is None
+    store.data.write_bytes(bytes(raw))
+    reopened = _store(tmp_path, {"k": 1})
+    assert reopened.missing() == [index // (16 * 64)]
     (warning,) = [w for w in recwarn if w.category is MedxferWarning]
-    assert str(warning.message).startswith(f"{path}: damaged cache entry")
-    calls = []
-    again = cache.get_or_compute({"k": 1}, lambda: calls.append(1) or array)
-    assert calls == [1] and np.array_equal(again, array)
-    np.testing.assert_array_equal(read_entry(path).array, array)  # healed on disk
+    assert str(warning.message).startswith(f"{store.data} (chunk {index // 1024}): damaged")
+    reopened.write(index // 1024, array[16 * (index // 1024) :][:16])
+    healed = _store(tmp_path, {"k": 1})
+    assert healed.missing() == []
+    np.testing.assert_array_equal(healed.read(np.arange(64)), array)  # healed on disk
 
 
-def test_entry_of_other_key_parts_is_a_miss(tmp_path):
-    cache = ArrayCache(tmp_path, "features")
-    cache.save({"k": 1}, np.zeros(3))
-    cache.path({"k": 2}).write_bytes(cache.path({"k": 1}).read_bytes())
-    with pytest.warns(MedxferWarning, match="other key parts"):
-        assert cache.load({"k": 2}) is None
-
-
-def _write_same_key(root: str, value: int, barrier) -> None:
+def _fill_same_key(root: str, barrier) -> None:
     barrier.wait()
-    big = np.full((256, 1024, 8), value, dtype=np.uint8)  # 2 MB: writes overlap in time
-    ArrayCache(root, "features").get_or_compute({"same": "key"}, lambda: big)
+    big = np.full((256, 1024, 8), 7, dtype=np.uint8)  # 2 MB in 8 chunks: writes overlap
+    store = ChunkedArray(root, "features", {"same": "key"}, big.shape, np.uint8, 32)
+    for chunk in store.missing():
+        store.write(chunk, big[32 * chunk : 32 * chunk + 32], {"chunk": chunk})
 
 
 def test_concurrent_writers_leave_one_valid_entry(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(4)
-    procs = [
-        ctx.Process(target=_write_same_key, args=(str(tmp_path), v, barrier)) for v in range(1, 5)
-    ]
+    procs = [ctx.Process(target=_fill_same_key, args=(str(tmp_path), barrier)) for _ in range(4)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
-    folder = tmp_path / "features"
-    assert [p.name for p in folder.iterdir()] == [p.name for p in _entries(folder)]  # no temps
-    (entry,) = _entries(folder)
-    array = read_entry(entry, {"same": "key"}).array
-    assert array.shape == (256, 1024, 8)
-    assert len(np.unique(array)) == 1 and int(array[0, 0, 0]) in {1, 2, 3, 4}
+    (folder,) = (tmp_path / "features").iterdir()
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(["data", "header.json", *(f"{c:06d}.done" for c in range(8))])
+    store = ChunkedArray(tmp_path, "features", {"same": "key"}, (256, 1024, 8), np.uint8, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedxferWarning)
+        assert store.missing() == []
+    assert np.unique(store.read(np.arange(256))).tolist() == [7]
 
 
 # ---------------------------------------------------------------- both caches in real runs
@@ -108,15 +105,20 @@ def test_truncated_image_cache_heals_to_the_same_pixels(tmp_path):
 
     data = make_subset(tmp_path / "d", {"train": 3, "test": 2})
     imageset = open_dataset(data)
-    first = decode_dataset(imageset, 32, tmp_path / "c", progress=False)
-    (entry,) = _entries(tmp_path / "c" / "images")
-    entry.write_bytes(entry.read_bytes()[:-100])
-    with pytest.warns(MedxferWarning, match=f"{entry.name}: damaged cache entry"):
-        second = decode_dataset(imageset, 32, tmp_path / "c", progress=False)
-    np.testing.assert_array_equal(first.pixels, second.pixels)
-    for record, pixels in zip(imageset.records, second.pixels, strict=True):  # PIL reference
-        gray = Image.open(record.source).convert("L").resize((32, 32), Image.Resampling.BILINEAR)
+    first = decode_dataset(imageset, 64, tmp_path / "c", progress=False)
+    (stored,) = _image_data(tmp_path / "c")
+    stored.write_bytes(stored.read_bytes()[:-100])
+    with pytest.warns(MedxferWarning, match=f"{stored} \\(chunk 0\\): damaged cache entry"):
+        second = decode_dataset(imageset, 64, tmp_path / "c", progress=False)
+    np.testing.assert_array_equal(np.asarray(first.pixels), np.asarray(second.pixels))
+    for record, pixels in zip(imageset.records, np.asarray(second.pixels), strict=True):
+        gray = Image.open(record.source).convert("L").resize((64, 64), Image.Resampling.BILINEAR)
+        # PIL reference; 64 px is more than half the files' 224 px, so they are decoded whole
         np.testing.assert_array_equal(pixels, np.asarray(gray))
+
+
+def _image_data(cache: Path) -> list[Path]:
+    return sorted((cache / "images").glob("*.chunks/data"))
 
 
 @pytest.mark.integration
@@ -127,20 +129,21 @@ def test_truncated_caches_rerun_with_warning_and_same_metrics(tmp_path):
     cache = tmp_path / "cache"
     common = dict(data=str(data), cache_dir=str(cache), **TINY)
     first = _quiet_train(RunConfig(out=str(tmp_path / "a"), **common))
-    damaged = _entries(cache / "images") + _entries(cache / "features")
+    damaged = _image_data(cache) + sorted((cache / "features").glob("*.chunks/data"))
     assert len(damaged) == 1 + 3  # pixels; features: clean view + 2 augmented views
     for path in damaged:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.warns(MedxferWarning) as caught:
         second = _quiet_train(RunConfig(out=str(tmp_path / "b"), **common))
-    warned = {Path(str(w.message).split(":")[0]) for w in caught}
+    warned = {Path(str(w.message).split(":")[0].removesuffix(" (chunk 0)")) for w in caught}
     assert warned == set(damaged)
     a = json.loads((first / "metrics.json").read_text())["test"]
     b = json.loads((second / "metrics.json").read_text())["test"]
     assert a["confusion_matrix"] == b["confusion_matrix"]
     assert b["roc_auc"] == pytest.approx(a["roc_auc"], abs=1e-6)
-    for path in damaged:
-        read_entry(path)  # rewritten whole
+    with warnings.catch_warnings():  # healed: a third run trusts every chunk
+        warnings.simplefilter("error", MedxferWarning)
+        _quiet_train(RunConfig(out=str(tmp_path / "c"), **common))
 
 
 # ---------------------------------------------------------------- checkpoint and lock
@@ -343,18 +346,22 @@ def test_oversized_image_in_a_dataset_stops_or_is_skipped(tmp_path):
 def test_cache_info_and_clear(tmp_path, capsys):
     from medxfer.cli import main
 
-    ArrayCache(tmp_path, "images").save({"i": 1}, np.zeros((10, 10), np.uint8))
-    ArrayCache(tmp_path, "images").save({"i": 2}, np.zeros((20, 10), np.uint8))
-    ArrayCache(tmp_path, "features").save({"f": 1}, np.zeros(100, np.float32))
+    for kind, parts, shape in (
+        ("images", 1, (10, 10)),
+        ("images", 2, (20, 10)),
+        ("features", 3, (100, 1)),
+    ):
+        store = ChunkedArray(tmp_path, kind, {"i": parts}, shape, np.uint8, 100)
+        store.write(0, np.zeros(shape, np.uint8))
     info = cache_info(tmp_path)
     assert info["images"]["entries"] == 2 and info["features"]["entries"] == 1
-    sizes = {k: sum(os.path.getsize(p) for p in (tmp_path / k).glob("*")) for k in info}
+    sizes = {k: sum(os.path.getsize(p) for p in (tmp_path / k).glob("*/*")) for k in info}
     assert {k: v["bytes"] for k, v in info.items()} == sizes
     assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "images           2 entries" in out and "features         1 entries" in out
     assert main(["cache", "clear", "--features", "--cache-dir", str(tmp_path)]) == 0
-    assert not (tmp_path / "features").exists() and len(_entries(tmp_path / "images")) == 2
+    assert not (tmp_path / "features").exists() and len(list((tmp_path / "images").iterdir())) == 2
     assert f"{sizes['features']} B freed" in capsys.readouterr().out
     assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
     assert cache_info(tmp_path)["images"] == {

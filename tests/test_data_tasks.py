@@ -356,7 +356,7 @@ def test_colour_auto_gray_kermany_and_forced_rgb(small_kermany, tmp_path):
     )
     assert rgb.pixels.shape == (76, 3, 32, 32) and rgb.data_key != gray.data_key
     for channel in range(3):  # Kermany has R = G = B: every channel is the gray image
-        assert (rgb.pixels[:, channel] == gray.pixels).all()
+        assert (rgb.pixels[:, channel] == gray.pixels[:]).all()
 
 
 def test_colour_auto_on_tinted_images(tmp_path):

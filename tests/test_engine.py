@@ -115,7 +115,7 @@ def test_run_records_engine_and_keys_cache(small_kermany, tmp_path):
     seconds = runs["torch"].read_metrics()["seconds"]
     assert seconds["forward"] > 0 and seconds["augment"] > 0 and seconds["data"] > 0
     assert seconds["total"] >= seconds["data"] + seconds["features"] + seconds["epochs"]
-    keys = [read_key(p) for p in (cache / "features").glob("*.entry")]
+    keys = [read_key(p) for p in (cache / "features").glob("*.chunks")]
     assert sorted(k["engine"] for k in keys) == ["onnxruntime"] * 2 + ["torch"] * 2
     test = {e: run.read_predictions("test").probability.to_numpy() for e, run in runs.items()}
     np.testing.assert_allclose(test["onnxruntime"], test["torch"], atol=1e-4)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medxfer.cache import ArrayCache, read_entry
+from medxfer.cache import ChunkedArray
 from medxfer.errors import MedxferWarning
 
 
-def _flips_in_header(path, data_bytes: int):
-    """Every single-bit flip of the entry's header (everything before the array's bytes)."""
+def _flips(path):
+    """Every single-bit flip of a file."""
     good = path.read_bytes()
-    for pos in range(len(good) - data_bytes):
+    for pos in range(len(good)):
         for bit in range(8):
             raw = bytearray(good)
             raw[pos] ^= 1 << bit
@@ -23,23 +23,31 @@ def _flips_in_header(path, data_bytes: int):
     ("kind", "array", "meta"),
     [
         ("images", np.arange(256, dtype=np.uint8).reshape(16, 16), {"ok": [True], "errors": []}),
-        ("features", np.linspace(-1, 1, 40, dtype=np.float32).reshape(5, 8), {}),
+        ("features", np.linspace(-1, 1, 40, dtype=np.float32).reshape(5, 8), {"x": "y"}),
     ],
 )
-def test_every_header_bit_flip_is_a_warned_miss(tmp_path, kind, array, meta):
-    """A flipped bit anywhere in the header (dtype, shape, metadata) is a miss with a warning,
-    never an exception and never a wrong array (such as '<f4' read as byte-swapped '>f4')."""
-    cache = ArrayCache(tmp_path, kind)
-    path = cache.save({"k": kind}, array, meta)
-    for pos, bit, raw in _flips_in_header(path, array.nbytes):
-        path.write_bytes(raw)
-        with pytest.warns(MedxferWarning, match="damaged cache entry"):
-            entry = cache.load({"k": kind})
-        assert entry is None, (pos, bit, entry.array.dtype, entry.meta)
-    cache.save({"k": kind}, array, meta)
-    healed = read_entry(path)
-    np.testing.assert_array_equal(healed.array, array)
-    assert healed.array.dtype == array.dtype and healed.meta == meta
+def test_every_header_and_marker_bit_flip_is_a_warned_miss(tmp_path, kind, array, meta):
+    """A flipped bit anywhere in the header (dtype, shape, key) or in a chunk's marker (its
+    metadata, its CRC) is a miss with a warning, never an exception and never a wrong array
+    (such as '<f4' read as byte-swapped '>f4') or wrong metadata."""
+
+    def store() -> ChunkedArray:
+        return ChunkedArray(tmp_path, kind, {"k": kind}, array.shape, array.dtype, len(array))
+
+    first = store()
+    first.write(0, array, meta)
+    for path in (first.folder / "header.json", first.folder / "000000.done"):
+        good = path.read_bytes()
+        for pos, bit, raw in _flips(path):
+            path.write_bytes(raw)
+            with pytest.warns(MedxferWarning, match="damaged cache entry"):
+                assert store().missing() == [0], (path.name, pos, bit)
+            store().write(0, array, meta)  # healed: rewritten as it was
+            assert path.read_bytes() == good
+        reopened = store()
+        assert reopened.missing() == []
+        np.testing.assert_array_equal(reopened.read(np.arange(len(array))), array)
+        assert reopened.meta(0) == meta
 
 
 @pytest.mark.integration

@@ -183,11 +183,26 @@ def format_audit(report: dict) -> str:
     return text(report)
 
 
-def manifest(data: str | Path, out: str | Path, *, label_from_name: str, patient_regex=None):
-    """``medxfer manifest``: a CSV manifest with labels from file names; counts per split."""
-    from medxfer.data.manifest import write_manifest
+def manifest(
+    data: str | Path,
+    out: str | Path,
+    *,
+    label_from_name: str | None = None,
+    patient_regex=None,
+    collection: str | None = None,
+    **collection_options,
+):
+    """``medxfer manifest``: a CSV manifest with labels from file names, or from a public
+    collection's tables (``collection``: chestxray14 or chexpert; options ``view``,
+    ``uncertain``, ``skip_bad``); counts per split and label."""
+    from medxfer.data.manifest import write_collection_manifest, write_manifest
     from medxfer.data.options import KERMANY_PATIENT_REGEX
+    from medxfer.errors import MedxferError
 
+    if (label_from_name is None) == (collection is None):
+        raise MedxferError("manifest: give one of --label-from-name or --collection")
+    if collection is not None:
+        return write_collection_manifest(data, out, collection=collection, **collection_options)
     regex = patient_regex or KERMANY_PATIENT_REGEX
     return write_manifest(data, out, label_from_name=label_from_name, patient_regex=regex)
 

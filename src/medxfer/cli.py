@@ -13,6 +13,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from medxfer.config import ENGINES
+from medxfer.data.collections import COLLECTIONS, UNCERTAIN, VIEWS
 from medxfer.errors import MedxferError, MedxferWarning
 
 
@@ -106,10 +107,24 @@ def _add_data_commands(sub) -> None:
     _add_max_pixels(p)
     p.set_defaults(handler=_audit)
 
-    p = sub.add_parser("manifest", help="CSV manifest with labels taken from file names")
+    p = sub.add_parser(
+        "manifest", help="CSV manifest with labels from file names or a collection's tables"
+    )
     p.add_argument("data")
-    p.add_argument("--label-from-name", required=True, metavar="REGEX")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--label-from-name", metavar="REGEX")
+    source.add_argument(
+        "--collection", choices=COLLECTIONS, help="read a ChestX-ray14- or CheXpert-shaped root"
+    )
     p.add_argument("--patient-regex", default=None)
+    p.add_argument("--view", choices=VIEWS, default="all", help="collection: keep these views")
+    p.add_argument(
+        "--uncertain",
+        choices=UNCERTAIN,
+        default="zeros",
+        help="CheXpert's -1 (uncertain): ones (U-Ones) or zeros (U-Zeros, default)",
+    )
+    p.add_argument("--skip-bad", action="store_true", help="leave out rows whose image is missing")
     p.add_argument("--out", type=Path, required=True, help="the manifest to write (.csv)")
     p.set_defaults(handler=_manifest)
 
@@ -332,9 +347,16 @@ def _audit(args: argparse.Namespace) -> int:
 def _manifest(args: argparse.Namespace) -> int:
     from medxfer.api import manifest
 
-    counts = manifest(
-        args.data, args.out, label_from_name=args.label_from_name, patient_regex=args.patient_regex
-    )
+    if args.collection:
+        how = dict(view=args.view, uncertain=args.uncertain, skip_bad=args.skip_bad)
+        counts = manifest(args.data, args.out, collection=args.collection, **how)
+    else:
+        counts = manifest(
+            args.data,
+            args.out,
+            label_from_name=args.label_from_name,
+            patient_regex=args.patient_regex,
+        )
     for split, per_label in counts.items():
         print(f"{split}: " + ", ".join(f"{k} {n}" for k, n in sorted(per_label.items())))
     print(f"wrote {args.out}")

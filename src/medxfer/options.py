@@ -170,7 +170,8 @@ class LayerOptions(TrainingOptions):
     momentum: float = option(0.9, "SGD momentum", min=0.0, below=1.0)
     amp: bool = option(True, "mixed precision on CUDA (bf16 where supported)")
     eval_batch_size: int | None = option(
-        None, "batch size for evaluation and feature extraction (default: 8 on CPU, 256 on GPU)",
+        None,
+        "batch size for evaluation and feature extraction (default: 8 on CPU, 256 on GPU)",
         min=1,
     )
 

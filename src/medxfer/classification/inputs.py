@@ -19,6 +19,7 @@ from medxfer.training.features import (
     FeatureCache,
     View,
     adapt_batchnorm,
+    chunk_seed,
     extract_features,
     frozen_norms,
 )
@@ -89,17 +90,27 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation, second
     clean_idx = torch.cat([data.splits[s] for s in ("val", "test") if s in data.splits])
     if augmentation is None:
         clean_idx = torch.cat([train_idx, clean_idx])
+    dim = network.num_features
+
+    def clean_rows(rows: range, _chunk: int) -> torch.Tensor:
+        return extract_features(
+            network,
+            data.pixels,
+            clean_idx[rows.start : rows.stop],
+            runtime,
+            engine=engine,
+            seconds=seconds,
+        )
+
     clean = cache.get(
         {**base, "view": "clean", "dtype": "float32", "rows": data.index_key(clean_idx)},
-        lambda: extract_features(
-            network, data.pixels, clean_idx, runtime, engine=engine, seconds=seconds
-        ),
+        (len(clean_idx), dim),
+        clean_rows,
     )
     if augmentation is None:
         return clean, clean_idx, None
     views = []
     for v in range(cfg.views):
-        view = View(augmentation, cfg.seed * 1000 + v)
         key = {
             **base,
             "view": v,
@@ -108,15 +119,21 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation, second
             "dtype": str(runtime.amp or "float32"),
             "rows": data.index_key(train_idx),
         }
-        views.append(
-            cache.get(
-                key,
-                lambda view=view: extract_features(
-                    network, data.pixels, train_idx, runtime, view, engine=engine, seconds=seconds
-                ),
+
+        def view_rows(rows: range, chunk: int, v=v) -> torch.Tensor:
+            view = View(augmentation, chunk_seed(cfg.seed * 1000 + v, chunk))
+            return extract_features(
+                network,
+                data.pixels,
+                train_idx[rows.start : rows.stop],
+                runtime,
+                view,
+                engine=engine,
+                seconds=seconds,
             )
-        )
-    return clean, clean_idx, torch.stack(views)
+
+        views.append(cache.get(key, (len(train_idx), dim), view_rows))
+    return clean, clean_idx, views
 
 
 def feature_key(ctx: Context) -> dict:

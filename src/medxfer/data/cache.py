@@ -1,9 +1,11 @@
 """Decode every image of a dataset once, at the working resolution, and keep it on disk.
 
-The cache entry (``medxfer.cache.ArrayCache``, kind ``images``) is keyed by the bytes of the images
-(not their paths), the resolution, the colour mode and the pixel limit, so a renamed or copied
-dataset hits the cache and an edited image misses it. Which images failed, and why, is stored with
-the pixels.
+The cache entry (``medxfer.cache.ChunkedArray``, kind ``images``) is keyed by the bytes of the
+images (not their paths), the resolution, the colour mode and the pixel limit, so a renamed or
+copied dataset hits the cache and an edited image misses it. It is filled in chunks of about
+``CHUNK_BYTES``, so an interrupted decode resumes where it stopped and memory holds one chunk at a
+time whatever the collection's size; which images of a chunk failed, and why, is stored with it.
+Runs read the pixels back by rows (``medxfer.cache.StoredRows``), never all at once.
 """
 
 from __future__ import annotations
@@ -17,22 +19,24 @@ from pathlib import Path
 
 import numpy as np
 
-from medxfer.cache import ArrayCache, default_cache_dir
+from medxfer.cache import ChunkedArray, StoredRows, default_cache_dir
 from medxfer.data.images import MAX_PIXELS, as_color, load_image, resize_square, to_model_layout
 from medxfer.data.sources import ImageSet
 from medxfer.errors import MedxferError
 from medxfer.progress import track
 
-DECODER_VERSION = 1
+DECODER_VERSION = 2  # 2: large JPEGs decoded at reduced scale (data.images.DRAFT_FACTOR)
+CHUNK_BYTES = 64 << 20  # per chunk of decoded pixels: the unit of resumption and of memory
 
 __all__ = ["Decoded", "content_hashes", "decode_dataset", "default_cache_dir", "npz_image"]
 
 
 @dataclass
 class Decoded:
-    """Pixels of every record (N, S, S) uint8, which records decoded, and why others did not."""
+    """Pixels of every record (N, S, S) uint8 on disk, which records decoded, and why others
+    did not."""
 
-    pixels: np.ndarray
+    pixels: StoredRows
     ok: np.ndarray
     errors: list[tuple[str, str]]
     key: str
@@ -46,7 +50,8 @@ def content_hashes(imageset: ImageSet) -> list[str]:
             hashlib.sha256(npz_image(imageset, r.source).tobytes()).hexdigest()
             for r in imageset.records
         ]
-    return [_file_hash(r.source) for r in imageset.records]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # hashlib frees the GIL
+        return list(pool.map(_file_hash, [r.source for r in imageset.records]))
 
 
 def decode_dataset(
@@ -63,53 +68,69 @@ def decode_dataset(
     hashes = content_hashes(imageset)
     identity = [DECODER_VERSION, size, hashes] + ([color] if color != "gray" else [])
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
-    cache = ArrayCache(cache_dir or default_cache_dir(), "images")
     parts = {"decoder": DECODER_VERSION, "size": size, "content": key, "max_pixels": max_pixels}
     if color != "gray":
         parts["color"] = color
-    entry = cache.load(parts)
-    if entry is not None:
-        errors = [tuple(e) for e in entry.meta["errors"]]
-        if errors and not skip_bad:
-            source, reason = errors[0]
-            raise MedxferError(f"{source}: {reason}")
-        ok = np.array(entry.meta["ok"], dtype=bool)
-        return Decoded(entry.array, ok, errors, key, hashes)
-
-    decoded = _decode_all(imageset, size, progress, color=color, max_pixels=max_pixels)
-    if decoded.errors and not skip_bad:
-        source, reason = decoded.errors[0]
-        raise MedxferError(f"{source}: {reason} (use --skip-bad to leave such images out)")
-    decoded.key, decoded.hashes = key, hashes
-    cache.save(parts, decoded.pixels, {"ok": decoded.ok.tolist(), "errors": decoded.errors})
-    return decoded
-
-
-def _decode_all(
-    imageset: ImageSet, size: int, progress: bool, *, color: str, max_pixels: int
-) -> Decoded:
-    n = len(imageset.records)
-    pixels = np.zeros((n, *((3,) if color == "rgb" else ()), size, size), dtype=np.uint8)
-    ok = np.ones(n, dtype=bool)
+    row = (3, size, size) if color == "rgb" else (size, size)
+    store = ChunkedArray(
+        cache_dir or default_cache_dir(),
+        "images",
+        parts,
+        (len(hashes), *row),
+        np.uint8,
+        chunk_rows=max(1, CHUNK_BYTES // int(np.prod(row))),
+    )
+    _fill(store, imageset, progress, color=color, max_pixels=max_pixels)
+    ok = np.ones(len(hashes), dtype=bool)
     errors: list[tuple[str, str]] = []
+    for chunk in range(store.chunks):
+        meta = store.meta(chunk)
+        ok[list(store.rows_of(chunk))] = meta["ok"]
+        errors += [tuple(e) for e in meta["errors"]]
+    if errors and not skip_bad:
+        source, reason = sorted(errors)[0]
+        raise MedxferError(f"{source}: {reason} (use --skip-bad to leave such images out)")
+    return Decoded(StoredRows(store), ok, sorted(errors), key, hashes)
 
-    def work(i: int) -> None:
-        record = imageset.records[i]
-        try:
-            if imageset.kind == "npz":
-                image = as_color(npz_image(imageset, record.source), color)
-                pixels[i] = to_model_layout(resize_square(image, size))
-            else:
-                pixels[i] = load_image(record.source, size, color, max_pixels=max_pixels)
-        except MedxferError as exc:
-            ok[i] = False
-            reason = str(exc).removeprefix(f"{record.source}: ")
-            errors.append((record.source, reason))
 
+def _fill(store: ChunkedArray, imageset: ImageSet, progress: bool, **how) -> None:
+    """Decode the chunks ``store`` is missing, on every core (PIL releases the GIL while it
+    decodes), holding one chunk in memory at a time; a chunk that another process finished
+    meanwhile is skipped."""
+    todo = store.missing()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(track(pool.map(work, range(n)), f"decode {size}px", total=n, enabled=progress))
-    errors.sort()
-    return Decoded(pixels, ok, errors, "", [])
+        chunks = (c for c in todo if not store.is_done(c))
+        for chunk in track(
+            chunks,
+            f"decode {store.shape[-1]}px",
+            total=sum(len(store.rows_of(c)) for c in todo),
+            size=lambda c: len(store.rows_of(c)),
+            enabled=progress,
+        ):
+            rows = store.rows_of(chunk)
+            pixels = np.zeros((len(rows), *store.shape[1:]), dtype=np.uint8)
+
+            def work(i: int, rows=rows, pixels=pixels) -> tuple[str, str] | None:
+                return _decode_into(pixels, i, imageset, imageset.records[rows[i]], **how)
+
+            failed = {i: e for i, e in enumerate(pool.map(work, range(len(rows)))) if e}
+            ok = [i not in failed for i in range(len(rows))]
+            store.write(chunk, pixels, {"ok": ok, "errors": sorted(failed.values())})
+
+
+def _decode_into(
+    pixels: np.ndarray, i: int, imageset: ImageSet, record, *, color: str, max_pixels: int
+) -> tuple[str, str] | None:
+    """Decode one record into ``pixels[i]``; (source, reason) if it cannot be decoded."""
+    try:
+        if imageset.kind == "npz":
+            image = as_color(npz_image(imageset, record.source), color)
+            pixels[i] = to_model_layout(resize_square(image, pixels.shape[-1]))
+        else:
+            pixels[i] = load_image(record.source, pixels.shape[-1], color, max_pixels=max_pixels)
+    except MedxferError as exc:
+        return record.source, str(exc).removeprefix(f"{record.source}: ")
+    return None
 
 
 def npz_image(imageset: ImageSet, source: str) -> np.ndarray:

@@ -25,6 +25,11 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 RASTER_SUFFIXES = {".jpg", ".jpeg", ".png"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 IMAGE_SUFFIXES = RASTER_SUFFIXES | DICOM_SUFFIXES
+# A JPEG at least twice the working size is decoded at a reduced scale that keeps at least
+# DRAFT_FACTOR x the working size, then resized as any image. Measured on 100 Kermany images
+# upscaled to 2048 px JPEGs (benchmarks/decode_draft.py): 2.7x faster at 224 px, and the
+# pixels differ from a full decode by 0.14 gray levels on average, at most 5 of 255.
+DRAFT_FACTOR = 2
 
 
 def is_image_file(path: Path) -> bool:
@@ -42,17 +47,19 @@ def read_gray(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 
 def read_image(
-    path: str | Path, color: str = "gray", *, max_pixels: int = MAX_PIXELS
+    path: str | Path, color: str = "gray", *, max_pixels: int = MAX_PIXELS, draft: int = 0
 ) -> np.ndarray:
     """The image at ``path`` at its native size: ``(H, W)`` for ``gray``, ``(H, W, 3)`` for ``rgb``.
 
     ``rgb`` keeps colour images as they are and replicates gray ones into three channels.
+    ``draft`` > 0: a JPEG may be decoded at a reduced size no smaller than ``draft`` pixels a
+    side (libjpeg's DCT scaling, 1/2 to 1/8); see ``DRAFT_FACTOR``.
     """
     path = Path(path)
     try:
         if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
             return as_color(_read_dicom(path, max_pixels), color)
-        return _read_raster(path, color, max_pixels)
+        return _read_raster(path, color, max_pixels, draft)
     except MedxferError:
         raise
     except FileNotFoundError:
@@ -89,8 +96,10 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
 def load_image(
     path: str | Path, size: int, color: str = "gray", *, max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
-    """Decoded and resized: ``(S, S)`` for ``gray``, channels first ``(3, S, S)`` for ``rgb``."""
-    return to_model_layout(resize_square(read_image(path, color, max_pixels=max_pixels), size))
+    """Decoded and resized: ``(S, S)`` for ``gray``, channels first ``(3, S, S)`` for ``rgb``.
+    A large JPEG is decoded at no less than ``DRAFT_FACTOR`` times ``size`` first."""
+    image = read_image(path, color, max_pixels=max_pixels, draft=DRAFT_FACTOR * size)
+    return to_model_layout(resize_square(image, size))
 
 
 def to_model_layout(image: np.ndarray) -> np.ndarray:
@@ -116,9 +125,11 @@ def _has_dicom_preamble(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _read_raster(path: Path, color: str, max_pixels: int) -> np.ndarray:
+def _read_raster(path: Path, color: str, max_pixels: int, draft: int = 0) -> np.ndarray:
     with Image.open(path) as img:  # reads the header only
         check_pixels(path, img.size, max_pixels)
+        if draft and img.format == "JPEG":
+            img.draft(img.mode, (draft, draft))  # scale only: the colour path stays as it was
         img.load()  # raises OSError on truncated files
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             return as_color(to_uint8(np.asarray(img, dtype=np.float64)), color)

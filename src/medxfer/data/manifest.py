@@ -1,4 +1,5 @@
-"""``medxfer manifest``: a CSV manifest whose labels come from the file names.
+"""``medxfer manifest``: a CSV manifest whose labels come from the file names, or from a public
+collection's own tables (``medxfer.data.collections``).
 
 Kermany's PNEUMONIA folder mixes bacterial and viral pneumonia, said only in the names
 (``person1_bacteria_1.jpeg``, ``person1_virus_6.jpeg``); relabelling by name turns the binary
@@ -14,9 +15,10 @@ import re
 from pathlib import Path
 
 from medxfer.atomic import write_text
+from medxfer.data.collections import read_collection
 from medxfer.data.options import KERMANY_PATIENT_REGEX
-from medxfer.data.sources import open_dataset
-from medxfer.errors import MedxferError
+from medxfer.data.sources import LABEL_SEP, open_dataset
+from medxfer.errors import MedxferError, warn
 
 KERMANY_SUBTYPE_REGEX = r"_(bacteria|virus)_"
 
@@ -43,18 +45,48 @@ def write_manifest(
     imageset = open_dataset(location, patient_regex=patient_regex)
     if imageset.kind == "npz" or imageset.multilabel:
         raise MedxferError(f"{location}: a manifest from names needs image files with one label")
+    rows = []
+    for r in imageset.records:
+        match = pattern.search(r.name)
+        label = (match.group(1) if pattern.groups else match.group(0)).upper() if match else r.label
+        rows.append((Path(r.source), label, r.split, r.patient or ""))
+    return _write(out, "label", rows)
+
+
+def write_collection_manifest(
+    root: str | Path,
+    out: str | Path,
+    *,
+    collection: str,
+    view: str = "all",
+    uncertain: str = "zeros",
+    skip_bad: bool = False,
+) -> dict[str, dict[str, int]]:
+    """Write ``path,labels,split,patient`` for a ChestX-ray14- or CheXpert-shaped collection
+    (a multi-label manifest: the findings of each image, ``|``-separated, empty for none).
+    Returns the image count per split and finding (``(none)``: images without a finding)."""
+    collected = read_collection(root, collection, view=view, uncertain=uncertain, skip_bad=skip_bad)
+    if not collected.rows:
+        raise MedxferError(f"{root}: no image of the {collection} table is left (view {view})")
+    rows = [(r.path, LABEL_SEP.join(sorted(r.labels)), r.split, r.patient) for r in collected.rows]
+    for image, problem in collected.skipped:
+        warn(f"{image}: {problem}; skipped")
+    return _write(out, "labels", rows)
+
+
+def _write(out: str | Path, column: str, rows: list[tuple[Path, str, str, str]]) -> dict:
+    """One manifest writer: paths relative to the manifest's folder, written atomically."""
     out = Path(out)
     base = out.resolve().parent
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "split", "patient"])
+    writer.writerow(["path", column, "split", "patient"])
     counts: dict[str, dict[str, int]] = {}
-    for r in imageset.records:
-        match = pattern.search(r.name)
-        label = (match.group(1) if pattern.groups else match.group(0)).upper() if match else r.label
-        path = Path(os.path.relpath(Path(r.source).resolve(), base))
-        writer.writerow([path.as_posix(), label, r.split, r.patient or ""])
-        split_counts = counts.setdefault(r.split, {})
-        split_counts[label] = split_counts.get(label, 0) + 1
+    for source, label, split, patient in rows:
+        path = Path(os.path.relpath(source.resolve(), base))
+        writer.writerow([path.as_posix(), label, split, patient])
+        split_counts = counts.setdefault(split, {})
+        for name in label.split(LABEL_SEP) if column == "labels" else [label]:
+            split_counts[name or "(none)"] = split_counts.get(name or "(none)", 0) + 1
     write_text(out, buffer.getvalue())
     return counts

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medxfer.cache import StoredRows
 from medxfer.data.cache import decode_dataset
 from medxfer.data.images import is_gray, read_image
 from medxfer.data.options import DataOptions
@@ -36,7 +37,8 @@ class PreparedData:
 
     ``classes`` is the target order: binary ``[negative, positive]`` (target 1 = positive),
     multiclass the sorted class names, multilabel the label names (one column each).
-    ``pixels`` is uint8 ``(N, S, S)`` for gray data and ``(N, 3, S, S)`` for rgb; ``targets``
+    ``pixels`` is uint8 ``(N, S, S)`` for gray data and ``(N, 3, S, S)`` for rgb, read from disk
+    by rows (``pixels[idx]`` is a tensor; a tensor in memory works as well); ``targets``
     int64 ``(N,)`` class indices, or float32 ``(N, L)`` 0/1 for multilabel.
     """
 
@@ -45,7 +47,7 @@ class PreparedData:
     classes: list[str]
     positive: str | None
     color: str
-    pixels: torch.Tensor
+    pixels: StoredRows | torch.Tensor
     targets: torch.Tensor
     splits: dict[str, torch.Tensor]  # split name -> record indices
     patients: list[str]  # one per record; "file:<source>" where the patient is unknown
@@ -115,7 +117,7 @@ def prepare_data(
         classes=classes,
         positive=positive,
         color=color,
-        pixels=torch.from_numpy(np.ascontiguousarray(decoded.pixels[keep])),
+        pixels=decoded.pixels.subset(keep),
         targets=torch.from_numpy(targets),
         splits=splits,
         patients=patient_ids(imageset),

@@ -11,10 +11,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from medxfer.cache import ArrayCache
+from medxfer.cache import ChunkedArray, StoredRows
 from medxfer.data.augment import Augmentation, augment_batch
 from medxfer.device import Runtime, autocast, single_thread, to_input
 from medxfer.engine import Engine
@@ -130,13 +131,43 @@ def frozen_norms(model: XrayClassifier) -> list[nn.modules.batchnorm._BatchNorm]
     ]
 
 
+FEATURE_CHUNK_BYTES = 64 << 20  # per chunk of stored features: the unit of resumption
+
+
 class FeatureCache:
-    """Feature arrays on disk (``medxfer.cache.ArrayCache``, kind ``features``), one verified
-    entry per key: a dict of everything that changes them."""
+    """Feature arrays on disk (``medxfer.cache.ChunkedArray``, kind ``features``), one per key:
+    a dict of everything that changes them. Each is extracted chunk by chunk (an interrupted
+    extraction resumes) and read back by rows, so memory does not grow with the collection."""
 
     def __init__(self, root: Path) -> None:
-        self.cache = ArrayCache(root, "features")
+        self.root = root
 
-    def get(self, parts: dict, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        array = self.cache.get_or_compute(parts, lambda: compute().numpy())
-        return torch.from_numpy(array)
+    def get(
+        self,
+        parts: dict,
+        shape: tuple[int, int],
+        extract: Callable[[range, int], torch.Tensor],
+    ) -> StoredRows:
+        """The features of ``shape`` (rows, dim) for ``parts``; ``extract(rows, chunk)`` computes
+        the missing chunks (``chunk`` seeds its augmentation, so a resumed extraction equals an
+        uninterrupted one)."""
+        store = ChunkedArray(
+            self.root,
+            "features",
+            parts,
+            shape,
+            np.float32,
+            chunk_rows=max(1, FEATURE_CHUNK_BYTES // (4 * max(shape[1], 1))),
+        )
+        for chunk in store.missing():
+            if not store.is_done(chunk):
+                store.write(chunk, extract(store.rows_of(chunk), chunk).numpy())
+        return StoredRows(store)
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The augmentation seed of one chunk of a view: the view's own for the first chunk (so
+    a collection that fits one chunk gets the augmentation of one pass), a derived one after."""
+    if chunk == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0] >> 1)

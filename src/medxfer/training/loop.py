@@ -17,6 +17,7 @@ from medxfer.progress import track
 from medxfer.tasks import Task
 
 AUX_LOSS_WEIGHT = 0.4  # Inception v3's auxiliary classifier, as in torchvision's references
+GPU_ARRAY_BYTES = 8 << 30  # decoded images or features up to this size live on the GPU
 PRECISE_BN_IMAGES = 2048  # training images that re-estimate BatchNorm statistics each epoch
 
 
@@ -35,33 +36,44 @@ class ImageSource:
     ) -> None:
         self.net = model
         self.eval_batch_size = eval_batch_size
-        self.pixels = pixels.to(device) if device.type == "cuda" else pixels
+        self.pixels = _on_device(pixels, device)
         self.device, self.aug = device, aug
         self.generator = torch.Generator().manual_seed(seed + 1)
 
     def train_inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        x = to_input(self.pixels[idx.to(self.pixels.device)], self.device)
+        x = to_input(_rows(self.pixels, idx), self.device)
         return augment_batch(x, self.aug, self.generator) if self.aug else x
 
     def eval_inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        return to_input(self.pixels[idx.to(self.pixels.device)], self.device)
+        return to_input(_rows(self.pixels, idx), self.device)
+
+
+def _on_device(array, device: torch.device):
+    """Arrays that fit the GPU go there once (no copy per batch); others stay where they are
+    and are read by rows."""
+    if device.type != "cuda" or array.nbytes > GPU_ARRAY_BYTES:
+        return array
+    if not isinstance(array, torch.Tensor):
+        array = torch.from_numpy(np.asarray(array))
+    return array.to(device)
 
 
 class FeatureSource:
     """Training inputs are cached backbone features: each epoch draws one of the K stored
     augmented views for every training image; evaluation uses the clean view.
 
-    ``clean`` holds features of the records ``clean_index``; ``views`` (K, n, D) those of
-    ``train_index`` (None: train on the clean view, i.e. without augmentation).
+    ``clean`` holds features of the records ``clean_index``; ``views`` (K arrays of (n, D)) those
+    of ``train_index`` (None: train on the clean view, i.e. without augmentation). On a GPU they
+    are copied there once; on the CPU each batch reads its rows (from disk, for a cache).
     """
 
     def __init__(
         self,
         head: HeadOnly,
-        clean: torch.Tensor,
+        clean,
         clean_index: torch.Tensor,
         *,
-        views: torch.Tensor | None,
+        views: list | None,
         train_index: torch.Tensor,
         device: torch.device,
         seed: int,
@@ -69,8 +81,8 @@ class FeatureSource:
         self.net = head
         self.eval_batch_size = 4096
         self.device = device
-        self.clean = clean.to(device)
-        self.views = views.to(device) if views is not None else None
+        self.clean = _on_device(clean, device)
+        self.views = [_on_device(v, device) for v in views] if views is not None else None
         size = int(max(clean_index.max(), train_index.max())) + 1
         self.clean_row = _row_map(clean_index, size)
         self.view_row = _row_map(train_index, size)
@@ -80,10 +92,23 @@ class FeatureSource:
         if self.views is None:
             return self.eval_inputs(idx)
         view = torch.randint(len(self.views), (len(idx),), generator=self.generator)
-        return self.views[view.to(self.device), self.view_row[idx].to(self.device)]
+        rows = self.view_row[idx]
+        out = torch.empty(len(idx), self.views[0].shape[1], device=self.device)
+        for k, features in enumerate(self.views):
+            chosen = view == k
+            if chosen.any():
+                out[chosen.to(self.device)] = _rows(features, rows[chosen]).to(self.device)
+        return out
 
     def eval_inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.clean[self.clean_row[idx].to(self.device)]
+        return _rows(self.clean, self.clean_row[idx]).to(self.device)
+
+
+def _rows(array, index: torch.Tensor) -> torch.Tensor:
+    """``array[index]`` for a tensor (on any device) or rows stored on disk."""
+    if isinstance(array, torch.Tensor):
+        return array[index.to(array.device)]
+    return array[index]
 
 
 def _row_map(index: torch.Tensor, size: int) -> torch.Tensor:
