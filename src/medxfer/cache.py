@@ -221,6 +221,11 @@ class StoredRows:
             return rows[0][rest] if rest else rows[0]
         return rows[(slice(None), *rest)] if rest else rows
 
+    def split(self, size: int):
+        """Batches of ``size`` rows as tensors, read one at a time (as ``Tensor.split``)."""
+        for start in range(0, len(self.rows), size):
+            yield self[start : start + size]
+
     def numpy(self) -> np.ndarray:
         """Every row, read into memory (for small data and tests)."""
         return np.asarray(self)

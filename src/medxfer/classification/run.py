@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from medxfer.cache import StoredRows
 from medxfer.classification.assess import assess, metric_thresholds
 from medxfer.classification.card import write_model_card
 from medxfer.classification.context import Assessment, Context, Inputs, Log
@@ -212,7 +213,9 @@ def evaluate(
         raise MedxferError(f"{data_location}: no {split!r} split")
     idx = ctx.data.splits[split]
     model.to(runtime.device, runtime.engine, ctx.cache_dir)
-    logits = model.logits(ctx.data.pixels[idx], runtime.batch_size)
+    pixels = ctx.data.pixels  # rows on disk are read a batch at a time
+    chosen = pixels.subset(idx.numpy()) if isinstance(pixels, StoredRows) else pixels[idx]
+    logits = model.logits(chosen, runtime.batch_size)
     prob = model.task.probabilities(logits, model.temperature)
     scores = model.task.scores(logits, model.temperature)
     y = ctx.data.targets[idx].numpy()
