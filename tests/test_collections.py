@@ -4,6 +4,7 @@ labels: the manifest they give, their bad input, and a multi-label run end to en
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def chexpert(root: Path, n: int = 48) -> Path:
         relative += "lateral.jpg" if lateral else "frontal.jpg"
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         Image.open(source).convert("L").save(root / relative)
-        effusion = "-1.0" if i % 3 == 0 else ("" if i % 3 == 1 else "0.0")  # uncertain/blank
+        effusion = ("-1.0", "", "0.0", "1.0", "0.0")[i % 5]  # uncertain, blank, known
         values = ["1.0" if pneumonia else "0.0", effusion]
         rows[split].append(
             [relative, "Male", 40, "Lateral" if lateral else "Frontal", "PA", *values]
@@ -210,3 +211,184 @@ def test_chestxray14_manifest_trains_evaluates_and_predicts(tmp_path):
     image = next(root.rglob("*.png"))
     assert main(["predict", str(run), str(image), "--out", str(tmp_path / "p.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "p.csv")) == 1
+
+
+def mimic(root: Path, n: int = 48) -> Path:
+    """The three MIMIC-CXR-JPG tables (gzipped, as released) and files/pNN/pSUBJECT/sSTUDY/
+    DICOM.jpg; one study per subject with two images (the second a lateral every fourth
+    study), CheXpert's 1/0/-1/blank values, the official split train / validate / test."""
+    labels, splits, metadata = [], [], []
+    for i, (source, pneumonia) in enumerate(_kermany(n)):
+        subject, study, dicom = 10000000 + i // 2, 50000000 + i // 2, f"d{i:04d}"
+        split = ("train", "train", "validate", "test")[(i // 2) % 4]
+        file = (
+            root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
+        )
+        file.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(source).convert("L").save(file)
+        lateral = i % 2 == 1 and (i // 2) % 4 == 1
+        splits.append([dicom, study, subject, split])
+        metadata.append([dicom, subject, study, "LATERAL" if lateral else "PA"])
+        if i % 2 == 0:  # the study's labels: Effusion uncertain, blank or negative in turn
+            effusion = ("-1.0", "", "0.0")[(i // 2) % 3]
+            labels.append([subject, study, "1.0" if pneumonia else "0.0", effusion])
+    for name, header, table in (
+        ("chexpert", ["subject_id", "study_id", *FINDINGS], labels),
+        ("split", ["dicom_id", "study_id", "subject_id", "split"], splits),
+        ("metadata", ["dicom_id", "subject_id", "study_id", "ViewPosition"], metadata),
+    ):
+        with gzip.open(root / f"mimic-cxr-2.0.0-{name}.csv.gz", "wt", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(table)
+    return root
+
+
+def _unknown(path: Path) -> dict[str, str]:
+    table = pd.read_csv(path, keep_default_na=False, dtype=str)
+    return dict(zip(table.path.map(lambda p: Path(p).name), table.get("unknown", ""), strict=True))
+
+
+def test_chexpert_u_ignore_and_missing_ignore_write_unknown_entries(tmp_path):
+    release = chexpert(tmp_path / "cx")
+    source = pd.concat(
+        [
+            pd.read_csv(release / f"{s}.csv", dtype=str, keep_default_na=False)
+            for s in ("train", "valid")
+        ]
+    )
+    value = dict(zip(source.Path, source.Effusion, strict=True))
+    for uncertain, missing, unknown_values in (
+        ("ignore", "negative", {"-1.0"}),
+        ("zeros", "ignore", {""}),
+        ("ignore", "ignore", {"-1.0", ""}),
+    ):
+        out = tmp_path / f"{uncertain}-{missing}.csv"
+        write_collection_manifest(
+            release, out, collection="chexpert", uncertain=uncertain, missing=missing
+        )
+        table = pd.read_csv(out, keep_default_na=False, dtype=str)
+        assert list(table.columns) == ["path", "labels", "split", "patient", "unknown"]
+        for row in table.itertuples():
+            entry = value[row.path.split("cx/", 1)[-1]]
+            assert (row.unknown == "Effusion") == (entry in unknown_values)
+            assert ("Effusion" in row.labels.split("|")) == (entry == "1.0")
+    plain = tmp_path / "plain.csv"
+    write_collection_manifest(release, plain, collection="chexpert")
+    assert "unknown" not in pd.read_csv(plain).columns  # nothing unknown: the old four columns
+
+
+def test_mimic_tables_give_splits_subjects_views_and_unknowns(tmp_path):
+    root = mimic(tmp_path / "mimic")
+    out = tmp_path / "m.csv"
+    write_collection_manifest(root, out, collection="mimic-cxr", uncertain="ignore")
+    table = pd.read_csv(out, keep_default_na=False, dtype=str)
+    assert len(table) == 48
+    split = pd.read_csv(root / "mimic-cxr-2.0.0-split.csv.gz", dtype=str).set_index("dicom_id")
+    labels = pd.read_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", dtype=str, keep_default_na=False)
+    labels = labels.set_index("study_id")
+    official = {"train": "train", "validate": "val", "test": "test"}
+    for row in table.itertuples():
+        entry = split.loc[Path(row.path).stem]
+        assert row.split == official[entry.split] and row.patient == entry.subject_id
+        effusion = labels.loc[entry.study_id, "Effusion"]
+        assert (row.unknown == "Effusion") == (effusion == "-1.0")
+        pneumonia = labels.loc[entry.study_id, "Pneumonia"] == "1.0"
+        assert ("Pneumonia" in row.labels.split("|")) == pneumonia
+    write_collection_manifest(root, out, collection="mimic-cxr", view="frontal")
+    assert len(pd.read_csv(out)) == 48 - 6  # the lateral of every fourth study
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("study without labels", r"split\.csv\.gz:2: study 50000000 is not in mimic-cxr-2\.0\.0-"),
+        ("bad split", r"split\.csv\.gz:\d+: split 'holdout', not one of"),
+        ("missing image", r"d0003\.jpg: file not found \(listed in .*split\.csv\.gz:5\)"),
+        ("not gzip", r"chexpert\.csv\.gz: cannot be read as a CSV table"),
+    ],
+)
+def test_mimic_bad_input_stops_before_writing(tmp_path, damage, message):
+    root = mimic(tmp_path / "mimic")
+    table = root / "mimic-cxr-2.0.0-chexpert.csv.gz"
+    if damage == "study without labels":
+        with gzip.open(table, "rt") as fh:
+            lines = fh.read().splitlines()
+        with gzip.open(table, "wt") as fh:
+            fh.write("\n".join(lines[:1] + lines[2:]) + "\n")
+    elif damage == "bad split":
+        splits = root / "mimic-cxr-2.0.0-split.csv.gz"
+        with gzip.open(splits, "rt") as fh:
+            text = fh.read()
+        with gzip.open(splits, "wt") as fh:
+            fh.write(text.replace(",validate", ",holdout", 1))
+    elif damage == "missing image":
+        next(root.rglob("d0003.jpg")).unlink()
+    else:
+        table.write_bytes(b"not a gzip file")
+    out = tmp_path / "m.csv"
+    with pytest.raises(MedxferError, match=message):
+        write_collection_manifest(root, out, collection="mimic-cxr")
+    assert not out.exists()
+
+
+@pytest.mark.integration
+def test_u_ignore_run_masks_unknown_entries_end_to_end(tmp_path):
+    """A CheXpert-shaped table under U-Ignore trains and evaluates; each label's test AUC is
+    scikit-learn's on the entries the table knows, and predictions.csv says which were not."""
+    release = chexpert(tmp_path / "cx", n=96)
+    manifest = tmp_path / "cx.csv"
+    args = ["manifest", str(release), "--collection", "chexpert", "--out", str(manifest)]
+    assert main([*args, "--uncertain", "ignore", "--missing", "ignore"]) == 0
+    run = tmp_path / "run"
+    common = ["--image-size", "32", "--epochs", "2", "--bootstrap", "20", "--quiet"]
+    assert main(["train", "--data", str(manifest), "--out", str(run), *common]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    test = pd.read_csv(run / "predictions.csv", keep_default_na=False, dtype=str)
+    test = test[test.split == "test"]
+    source = pd.read_csv(release / "valid.csv", dtype=str, keep_default_na=False)
+    value = {
+        Path(p).parts[-3] + "/" + Path(p).parts[-2]: e
+        for p, e in zip(source.Path, source.Effusion, strict=True)
+    }
+    entries = [value["/".join(Path(f).parts[-3:-1])] for f in test.file]
+    known = [e in ("1.0", "0.0") for e in entries]
+    assert 0 < sum(known) < len(test)
+    y = [e == "1.0" for e, k in zip(entries, known, strict=True) if k]
+    prob = test.probability_Effusion.astype(float)[known]
+    per_label = metrics["test"]["per_label"]["Effusion"]
+    assert per_label["roc_auc"] == pytest.approx(roc_auc_score(y, prob), abs=1e-6)
+    assert per_label["support"] == sum(y)
+    assert list(test.unknown == "Effusion") == [not k for k in known]
+    config = json.loads((run / "config.json").read_text())
+    assert config["resolved"]["unknown_label_entries"]["Effusion"] > 0
+    assert "unknown" in (run / "model_card.md").read_text().lower()
+    assert main(["evaluate", str(run), "--data", str(manifest), "--quiet"]) == 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("shape", ["chestxray14", "chexpert"])
+def test_two_cell_study_on_a_collection_table(tmp_path, shape):
+    """transfer against scratch on the same collection test set, paired by image."""
+    build = {"chestxray14": chestxray14, "chexpert": chexpert}[shape]
+    root = build(tmp_path / shape, n=64)
+    manifest = tmp_path / f"{shape}.csv"
+    args = ["manifest", str(root), "--collection", shape, "--out", str(manifest)]
+    assert main([*args, "--uncertain", "ignore"] if shape == "chexpert" else args) == 0
+    spec = tmp_path / "study.toml"
+    spec.write_text(
+        f'[study]\nname = "t"\nskip_unavailable_weights = true\n\n[base]\ndata = "{manifest}"\n'
+        "image_size = 32\nepochs = 1\nbootstrap = 20\n\n[grid]\n"
+        'arch = ["mobilenet_v2"]\nmode = ["scratch", "transfer"]\nseed = [0]\n'
+    )
+    out = tmp_path / "study"
+    assert main(["study", "run", str(spec), "--out", str(out)]) == 0
+    comparisons = pd.read_csv(out / "comparisons.csv")
+    auc = comparisons[comparisons.metric == "macro_roc_auc"]
+    assert len(auc) == 1 and auc["diff"].notna().all() and auc["p_value"].notna().all()
+    runs = {
+        m: json.loads(next((out / "runs").glob(f"*{m}*/metrics.json")).read_text())
+        for m in ("scratch", "transfer")
+    }
+    expected = runs["transfer"]["test"]["macro_roc_auc"] - runs["scratch"]["test"]["macro_roc_auc"]
+    assert float(auc["diff"].iloc[0]) == pytest.approx(expected, abs=1e-9)

@@ -193,8 +193,8 @@ def manifest(
     **collection_options,
 ):
     """``medxfer manifest``: a CSV manifest with labels from file names, or from a public
-    collection's tables (``collection``: chestxray14 or chexpert; options ``view``,
-    ``uncertain``, ``skip_bad``); counts per split and label."""
+    collection's tables (``collection``: chestxray14, chexpert or mimic-cxr; options ``view``,
+    ``uncertain``, ``missing``, ``skip_bad``); counts per split and label."""
     from medxfer.data.manifest import write_collection_manifest, write_manifest
     from medxfer.data.options import KERMANY_PATIENT_REGEX
     from medxfer.errors import MedxferError

@@ -13,7 +13,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from medxfer.config import ENGINES
-from medxfer.data.collections import COLLECTIONS, UNCERTAIN, VIEWS
+from medxfer.data import collections as tables
 from medxfer.errors import MedxferError, MedxferWarning
 
 
@@ -114,15 +114,26 @@ def _add_data_commands(sub) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--label-from-name", metavar="REGEX")
     source.add_argument(
-        "--collection", choices=COLLECTIONS, help="read a ChestX-ray14- or CheXpert-shaped root"
+        "--collection",
+        choices=tables.COLLECTIONS,
+        help="read a ChestX-ray14-, CheXpert- or MIMIC-CXR-JPG-shaped root",
     )
     p.add_argument("--patient-regex", default=None)
-    p.add_argument("--view", choices=VIEWS, default="all", help="collection: keep these views")
+    p.add_argument(
+        "--view", choices=tables.VIEWS, default="all", help="collection: keep these views"
+    )
     p.add_argument(
         "--uncertain",
-        choices=UNCERTAIN,
+        choices=tables.UNCERTAIN,
         default="zeros",
-        help="CheXpert's -1 (uncertain): ones (U-Ones) or zeros (U-Zeros, default)",
+        help="CheXpert's -1 (uncertain): ones (U-Ones), zeros (U-Zeros, default) or ignore "
+        "(U-Ignore: unknown, masked out of loss, class weights, metrics and thresholds)",
+    )
+    p.add_argument(
+        "--missing",
+        choices=tables.MISSING,
+        default="negative",
+        help="CheXpert's blank (not mentioned): negative (the convention, default) or ignore",
     )
     p.add_argument("--skip-bad", action="store_true", help="leave out rows whose image is missing")
     p.add_argument("--out", type=Path, required=True, help="the manifest to write (.csv)")
@@ -348,7 +359,12 @@ def _manifest(args: argparse.Namespace) -> int:
     from medxfer.api import manifest
 
     if args.collection:
-        how = dict(view=args.view, uncertain=args.uncertain, skip_bad=args.skip_bad)
+        how = dict(
+            view=args.view,
+            uncertain=args.uncertain,
+            missing=args.missing,
+            skip_bad=args.skip_bad,
+        )
         counts = manifest(args.data, args.out, collection=args.collection, **how)
     else:
         counts = manifest(

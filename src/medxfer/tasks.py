@@ -34,12 +34,16 @@ class Task:
 
     def class_weights(self, targets: torch.Tensor) -> torch.Tensor:
         """Balanced weights: binary/multiclass N / (K N_c) per class; multilabel N / (2 N_c)
-        per label and value (each value of each label carries half of that label's loss)."""
+        per label and value (each value of each label carries half of that label's loss),
+        counting only the known entries of each label."""
         if self.name == "multilabel":
-            n = len(targets)
-            positives = targets.double().sum(0).clamp(min=1)
-            negatives = (n - targets.double().sum(0)).clamp(min=1)
-            return torch.stack([n / (2 * negatives), n / (2 * positives)]).float()  # (2, L)
+            known = ~targets.isnan()
+            n = known.double().sum(0)
+            positives = targets.double().nan_to_num().sum(0)
+            negatives = n - positives
+            return torch.stack(
+                [n / (2 * negatives.clamp(min=1)), n / (2 * positives.clamp(min=1))]
+            ).float()  # (2, L)
         k = 2 if self.name == "binary" else len(self.classes)
         counts = torch.bincount(targets, minlength=k).double().clamp(min=1)
         return (len(targets) / (k * counts)).float()
@@ -48,27 +52,37 @@ class Task:
         self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Mean loss of a batch; with ``weights`` (from :meth:`class_weights`) the optimised,
-        class-weighted form, without it the plain loss that is reported."""
+        class-weighted form, without it the plain loss that is reported. Multilabel: the mean
+        over the known entries (NaN targets are masked out)."""
         logits = logits.float()
         if self.name == "multiclass":
             return F.cross_entropy(logits, targets, weight=weights)  # weighted mean, as torch
-        target = targets.float()
-        per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        if weights is None:
-            return per.mean()
         if self.name == "binary":
-            return (per * weights[targets]).mean()
-        picked = torch.where(target > 0.5, weights[1], weights[0])
-        return (per * picked).mean()
+            per = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none")
+            return per.mean() if weights is None else (per * weights[targets]).mean()
+        known = ~targets.isnan()
+        target = targets.nan_to_num()
+        per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        if weights is not None:
+            per = per * torch.where(target > 0.5, weights[1], weights[0])
+        if known.all():
+            return per.mean()
+        return (per * known).sum() / known.sum().clamp(min=1)
 
     def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Number of correct decisions at the default operating point (for training accuracy);
-        multilabel counts label entries."""
+        multilabel counts the known label entries."""
         if self.name == "binary":
             return ((logits >= 0).long() == targets).sum()
         if self.name == "multiclass":
             return (logits.argmax(1) == targets).sum()
-        return ((logits >= 0).float() == targets).sum()
+        return ((logits >= 0).float() == targets).sum()  # NaN equals nothing
+
+    def decisions_per_row(self, targets: torch.Tensor) -> torch.Tensor:
+        """Decisions per row that :meth:`correct` counts: 1, or the known entries' mean."""
+        if self.name != "multilabel":
+            return torch.ones((), device=targets.device)
+        return (~targets.isnan()).double().sum().clamp(min=1) / len(targets)
 
     def probabilities(self, logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         """Binary: P(positive) (N,); multiclass: softmax (N, K); multilabel: sigmoids (N, L)."""

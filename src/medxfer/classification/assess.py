@@ -68,6 +68,7 @@ def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: EpochSt
         ),
         "split_sizes": {k: len(v) for k, v in data.splits.items()},
         "class_counts": _class_counts(data, task),
+        "unknown_counts": unknown_counts(data),
         "skipped_inputs": [{"file": f, "reason": r} for f, r in data.skipped],
         "device": str(ctx.runtime.device),
         "evaluation_precision": "float32",
@@ -87,8 +88,9 @@ def _temperature(cfg: RunConfig, task: Task, val_logits, val_y) -> float:
         return 1.0
     if val_logits is None:
         raise MedxferError("--calibrate temperature: needs a validation split")
-    if task.name == "multilabel":
-        return fit_temperature(np.ravel(val_logits), np.ravel(val_y))
+    if task.name == "multilabel":  # every known label entry
+        known = ~np.isnan(val_y)
+        return fit_temperature(val_logits[known], val_y[known])
     return fit_temperature(val_logits, val_y)
 
 
@@ -151,6 +153,9 @@ def _calibration(cfg: RunConfig, task: Task, logits: dict, truth: dict, temperat
         y = truth[split]
         if task.name == "multiclass":
             return (p.argmax(1) == y).astype(np.float64), p.max(1)
+        if task.name == "multilabel":
+            known = ~np.isnan(y)
+            return y[known].astype(np.float64), p[known]
         return np.ravel(y).astype(np.float64), np.ravel(p)
 
     summary = {
@@ -191,11 +196,22 @@ def _class_counts(data: PreparedData, task: Task) -> dict[str, dict[str, int]]:
     for split, idx in data.splits.items():
         targets = data.targets[idx]
         if task.name == "multilabel":
-            per = targets.sum(0).round().long().tolist()
+            per = targets.nan_to_num().sum(0).round().long().tolist()  # known positives
         else:
             per = torch.bincount(targets, minlength=len(task.classes)).tolist()
         counts[split] = dict(zip(task.classes, per, strict=True))
     return counts
+
+
+def unknown_counts(data: PreparedData) -> dict[str, dict[str, int]] | None:
+    """Unknown label entries (masked out) per split and label; None when every entry is
+    known."""
+    if data.task != "multilabel" or not data.targets.isnan().any():
+        return None
+    return {
+        split: dict(zip(data.classes, data.targets[idx].isnan().sum(0).tolist(), strict=True))
+        for split, idx in data.splits.items()
+    }
 
 
 def _prediction_rows(
@@ -217,9 +233,11 @@ def _prediction_rows(
             "split": split,
             "file": [data.records[i].source for i in rows],
             "patient": [data.patients[i] for i in rows],
-            "label": task.names(truth.astype(np.int64)),
+            "label": task.names(np.nan_to_num(truth).astype(np.int64)),
         }
     )
+    if task.name == "multilabel" and np.isnan(truth).any():
+        frame["unknown"] = task.names(np.isnan(truth))
     if task.name == "binary":
         frame["probability"], frame["score"] = prob, scores
     else:

@@ -47,6 +47,7 @@ def card_summary(
             "source": Path(cfg.data).name,
             "split_sizes": metrics.get("split_sizes"),
             "class_counts": counts,
+            "unknown_counts": metrics.get("unknown_counts"),
         },
         "operating_point": {
             "thresholds": metrics.get("thresholds"),
@@ -100,6 +101,12 @@ def render(summary: dict[str, Any]) -> str:
     ]
     for split, per_class in (data["class_counts"] or {}).items():
         lines.append(f"- {split} per class: " + ", ".join(f"{k} {v}" for k, v in per_class.items()))
+    for split, per_label in (data.get("unknown_counts") or {}).items():
+        lines.append(
+            f"- {split} unknown label entries (uncertain or not mentioned; masked out of the "
+            "loss, class weights, metrics and thresholds): "
+            + ", ".join(f"{k} {v}" for k, v in per_label.items())
+        )
     lines += ["", "## Operating point"]
     if point["thresholds"]:
         shown = ", ".join(f"{t:.4f}" for t in point["thresholds"])

@@ -101,7 +101,10 @@ def _side(predictions: pd.DataFrame, metrics: dict) -> Side:
     if task == "multiclass":
         y = labels.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
         return Side(y, prob, None, classes, score)
-    y = np.array([[c in set(s.split("|")) for c in classes] for s in labels], dtype=np.int64)
+    y = np.array([[c in set(s.split("|")) for c in classes] for s in labels], dtype=np.float64)
+    if "unknown" in predictions:  # entries the run masked out stay out of its metrics
+        unknown = predictions["unknown"].fillna("").astype(str)
+        y[np.array([[c in set(s.split("|")) for c in classes] for s in unknown])] = np.nan
     cut = np.asarray(thresholds if thresholds else [0.5] * len(classes), dtype=np.float64)
     return Side(y, prob, cut, classes, score)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from medxfer.cache import StoredRows
-from medxfer.classification.assess import assess, metric_thresholds
+from medxfer.classification.assess import assess, metric_thresholds, unknown_counts
 from medxfer.classification.card import write_model_card
 from medxfer.classification.context import Assessment, Context, Inputs, Log
 from medxfer.classification.inputs import prepare_inputs
@@ -282,8 +282,9 @@ def resolved(ctx: Context) -> dict:
         "multiclass": "cross-entropy over K logits, class weights N/(K N_class) from the "
         "training split",
         "multilabel": "binary cross-entropy per label, weights N/(2 N_value) per label and "
-        "value from the training split",
+        "value from the training split, over the known entries",
     }
+    unknown = unknown_counts(data)
     return {
         "task": ctx.task.name,
         "classes": list(ctx.task.classes),
@@ -302,4 +303,9 @@ def resolved(ctx: Context) -> dict:
         "threads": torch.get_num_threads(),
         "weights": weights_digest(cfg.model_spec),
         "data_key": data.data_key,
+        "unknown_label_entries": (
+            {name: sum(per[name] for per in unknown.values()) for name in data.classes}
+            if unknown
+            else None
+        ),
     }

@@ -9,6 +9,15 @@
   or blank (not mentioned); the patient is the ``patientNNNNN`` part of the path. ``train.csv``
   is the train split (validation is carved from it by patient, as for any data) and
   ``valid.csv`` the test split, since CheXpert's own test set is not public.
+- MIMIC-CXR-JPG: CheXpert's label convention in ``mimic-cxr-2.0.0-chexpert.csv[.gz]`` (one row
+  per study), the official split in ``mimic-cxr-2.0.0-split.csv[.gz]`` (train / validate /
+  test per image), views in ``mimic-cxr-2.0.0-metadata.csv[.gz]`` (``ViewPosition``), images at
+  ``files/pNN/pSUBJECT/sSTUDY/DICOM.jpg``; the patient is the subject.
+
+Uncertain (-1) entries are positive (U-Ones), negative (U-Zeros) or unknown (U-Ignore, Irvin
+et al. 2019); blank entries are negative (CheXpert's convention) or unknown (``missing
+ignore``). Unknown entries are written to the manifest's ``unknown`` column and masked out of
+the loss, class weights, metrics and thresholds.
 
 Every check runs before the manifest is written, and each problem is one line naming the file
 and the row; ``skip_bad`` reports and leaves out rows whose image is missing instead.
@@ -17,6 +26,7 @@ and the row; ``skip_bad`` reports and leaves out rows whose image is missing ins
 from __future__ import annotations
 
 import csv
+import gzip
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,22 +34,54 @@ from pathlib import Path
 
 from medxfer.errors import MedxferError
 
-COLLECTIONS = ("chestxray14", "chexpert")
+COLLECTIONS = ("chestxray14", "chexpert", "mimic-cxr")
 VIEWS = ("frontal", "lateral", "all")
-UNCERTAIN = ("ones", "zeros")  # U-Ones and U-Zeros of Irvin et al. 2019
+UNCERTAIN = ("ones", "zeros", "ignore")  # U-Ones, U-Zeros, U-Ignore of Irvin et al. 2019
+MISSING = ("negative", "ignore")  # a blank entry: CheXpert's convention, or unknown
 CHEXPERT_INFO = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
+MIMIC_INFO = ("subject_id", "study_id")
 CHEXPERT_VALUES = {"1": 1, "1.0": 1, "0": 0, "0.0": 0, "-1": -1, "-1.0": -1, "": None}
-FRONTAL_POSITIONS = {"PA", "AP"}  # ChestX-ray14's View Position; LL is lateral
+FRONTAL_POSITIONS = {"PA", "AP"}  # ChestX-ray14's and MIMIC's view positions; LL is lateral
+MIMIC_SPLITS = {"train": "train", "validate": "val", "test": "test"}
 
 
 @dataclass(frozen=True)
 class Row:
-    """One image of a manifest: its file, label set, split and patient."""
+    """One image of a manifest: its file, label set, unknown labels, split and patient."""
 
     path: Path
     labels: frozenset[str]
     split: str
     patient: str
+    unknown: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class LabelPolicy:
+    """How CheXpert-convention entries become labels: ``uncertain`` for -1, ``missing`` for
+    blank."""
+
+    uncertain: str = "zeros"
+    missing: str = "negative"
+
+    def read(self, where: str, row: dict, info: tuple[str, ...]) -> tuple[frozenset, frozenset]:
+        """(positive labels, unknown labels) of one table row; every other column is a
+        finding holding 1, 0, -1 or blank."""
+        positive, unknown = set(), set()
+        for column, value in row.items():
+            if column in info or column is None:
+                continue
+            text = (value or "").strip()
+            if text not in CHEXPERT_VALUES:
+                raise MedxferError(f"{where}: {column} is {text!r}, not 1, 0, -1 or blank")
+            code = CHEXPERT_VALUES[text]
+            if code == 1 or (code == -1 and self.uncertain == "ones"):
+                positive.add(column)
+            elif (code == -1 and self.uncertain == "ignore") or (
+                code is None and self.missing == "ignore"
+            ):
+                unknown.add(column)
+        return frozenset(positive), frozenset(unknown)
 
 
 @dataclass
@@ -54,21 +96,27 @@ def read_collection(
     *,
     view: str = "all",
     uncertain: str = "zeros",
+    missing: str = "negative",
     skip_bad: bool = False,
 ) -> Collected:
     """The rows of ``collection`` found under ``root``, filtered on ``view``."""
     root = Path(root)
-    if collection not in COLLECTIONS:
-        raise MedxferError(f"--collection {collection}: not one of {', '.join(COLLECTIONS)}")
-    if view not in VIEWS:
-        raise MedxferError(f"--view {view}: not one of {', '.join(VIEWS)}")
-    if uncertain not in UNCERTAIN:
-        raise MedxferError(f"--uncertain {uncertain}: not one of {', '.join(UNCERTAIN)}")
+    for flag, value, choices in (
+        ("--collection", collection, COLLECTIONS),
+        ("--view", view, VIEWS),
+        ("--uncertain", uncertain, UNCERTAIN),
+        ("--missing", missing, MISSING),
+    ):
+        if value not in choices:
+            raise MedxferError(f"{flag} {value}: not one of {', '.join(choices)}")
     if not root.is_dir():
         raise MedxferError(f"{root}: not a folder")
     if collection == "chestxray14":
         return _chestxray14(root, view, skip_bad)
-    return _chexpert(root, view, uncertain, skip_bad)
+    policy = LabelPolicy(uncertain, missing)
+    if collection == "chexpert":
+        return _chexpert(root, view, policy, skip_bad)
+    return _mimic(root, view, policy, skip_bad)
 
 
 # -- ChestX-ray14 --------------------------------------------------------------------------
@@ -109,7 +157,7 @@ def _chestxray14(root: Path, view: str, skip_bad: bool) -> Collected:
 
 
 # -- CheXpert ------------------------------------------------------------------------------
-def _chexpert(root: Path, view: str, uncertain: str, skip_bad: bool) -> Collected:
+def _chexpert(root: Path, view: str, policy: LabelPolicy, skip_bad: bool) -> Collected:
     rows, skipped = [], []
     for split, name in (("train", "train.csv"), ("test", "valid.csv")):
         table = root / name
@@ -120,7 +168,7 @@ def _chexpert(root: Path, view: str, uncertain: str, skip_bad: bool) -> Collecte
         for where, row in _csv_rows(table, ("Path", "Frontal/Lateral")):
             if view != "all" and row["Frontal/Lateral"].strip().lower() != view:
                 continue
-            labels = _chexpert_labels(where, row, uncertain)
+            labels, unknown = policy.read(where, row, CHEXPERT_INFO)
             file = _chexpert_file(root, row["Path"].strip())
             if file is None:
                 problem = f"file not found (listed in {where})"
@@ -131,23 +179,9 @@ def _chexpert(root: Path, view: str, uncertain: str, skip_bad: bool) -> Collecte
             match = re.search(r"(patient\d+)", row["Path"])
             if match is None:
                 raise MedxferError(f"{where}: no patientNNNNN in the path {row['Path']!r}")
-            rows.append(Row(file, labels, split, match.group(1)))
+            rows.append(Row(file, labels, split, match.group(1), unknown))
     _check_patients(rows)
     return Collected(rows, skipped)
-
-
-def _chexpert_labels(where: str, row: dict, uncertain: str) -> frozenset[str]:
-    labels = set()
-    for column, value in row.items():
-        if column in CHEXPERT_INFO or column is None:
-            continue
-        text = (value or "").strip()
-        if text not in CHEXPERT_VALUES:
-            raise MedxferError(f"{where}: {column} is {text!r}, not 1, 0, -1 or blank")
-        code = CHEXPERT_VALUES[text]
-        if code == 1 or (code == -1 and uncertain == "ones"):
-            labels.add(column)
-    return frozenset(labels)
 
 
 def _chexpert_file(root: Path, relative: str) -> Path | None:
@@ -157,6 +191,41 @@ def _chexpert_file(root: Path, relative: str) -> Path | None:
         if (base / relative).is_file():
             return base / relative
     return None
+
+
+# -- MIMIC-CXR-JPG --------------------------------------------------------------------------
+def _mimic(root: Path, view: str, policy: LabelPolicy, skip_bad: bool) -> Collected:
+    studies = {}
+    labels_table = _one(root, "mimic-cxr-2.0.0-chexpert.csv*", "MIMIC-CXR's label table")
+    for where, row in _csv_rows(labels_table, MIMIC_INFO):
+        studies[row["study_id"].strip()] = policy.read(where, row, MIMIC_INFO)
+    positions = {}
+    metadata = _one(root, "mimic-cxr-2.0.0-metadata.csv*", "MIMIC-CXR's metadata table")
+    for _where, row in _csv_rows(metadata, ("dicom_id", "ViewPosition")):
+        positions[row["dicom_id"].strip()] = row["ViewPosition"].strip().upper()
+    split_table = _one(root, "mimic-cxr-2.0.0-split.csv*", "MIMIC-CXR's split table")
+    rows, skipped = [], []
+    for where, row in _csv_rows(split_table, ("dicom_id", "study_id", "subject_id", "split")):
+        image, study, subject = (row[k].strip() for k in ("dicom_id", "study_id", "subject_id"))
+        split = MIMIC_SPLITS.get(row["split"].strip())
+        if split is None:
+            raise MedxferError(f"{where}: split {row['split']!r}, not one of {list(MIMIC_SPLITS)}")
+        if study not in studies:
+            raise MedxferError(f"{where}: study {study} is not in {labels_table.name}")
+        frontal = positions.get(image, "") in FRONTAL_POSITIONS
+        if view != "all" and frontal != (view == "frontal"):
+            continue
+        file = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{image}.jpg"
+        if not file.is_file():
+            problem = f"file not found (listed in {where})"
+            if not skip_bad:
+                raise MedxferError(f"{file}: {problem}")
+            skipped.append((str(file), problem))
+            continue
+        positive, unknown = studies[study]
+        rows.append(Row(file, positive, split, subject, unknown))
+    _check_patients(rows)
+    return Collected(rows, skipped)
 
 
 # -- shared --------------------------------------------------------------------------------
@@ -172,10 +241,10 @@ def _check_patients(rows: list[Row]) -> None:
             )
 
 
-def _one(root: Path, pattern: str) -> Path:
+def _one(root: Path, pattern: str, what: str = "the ChestX-ray14 table") -> Path:
     found = sorted(root.glob(pattern))
     if not found:
-        raise MedxferError(f"{root}: no {pattern} (the ChestX-ray14 table)")
+        raise MedxferError(f"{root}: no {pattern} ({what})")
     return found[-1]
 
 
@@ -189,10 +258,14 @@ def _lines(path: Path) -> Iterator[tuple[str, str]]:
 
 
 def _csv_rows(path: Path, needed: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in needed if c not in (reader.fieldnames or [])]
-        if missing:
-            raise MedxferError(f"{path}: no column {missing[0]!r} (has {reader.fieldnames})")
-        for number, row in enumerate(reader, start=2):
-            yield f"{path}:{number}", row
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in needed if c not in (reader.fieldnames or [])]
+            if missing:
+                raise MedxferError(f"{path}: no column {missing[0]!r} (has {reader.fieldnames})")
+            for number, row in enumerate(reader, start=2):
+                yield f"{path}:{number}", row
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise MedxferError(f"{path}: cannot be read as a CSV table ({error})") from None

@@ -60,31 +60,44 @@ def write_collection_manifest(
     collection: str,
     view: str = "all",
     uncertain: str = "zeros",
+    missing: str = "negative",
     skip_bad: bool = False,
 ) -> dict[str, dict[str, int]]:
-    """Write ``path,labels,split,patient`` for a ChestX-ray14- or CheXpert-shaped collection
-    (a multi-label manifest: the findings of each image, ``|``-separated, empty for none).
-    Returns the image count per split and finding (``(none)``: images without a finding)."""
-    collected = read_collection(root, collection, view=view, uncertain=uncertain, skip_bad=skip_bad)
+    """Write ``path,labels,split,patient[,unknown]`` for a ChestX-ray14-, CheXpert- or
+    MIMIC-CXR-shaped collection (a multi-label manifest: the findings of each image,
+    ``|``-separated, empty for none; ``unknown``: the findings whose value is not known, under
+    ``uncertain ignore`` or ``missing ignore``). Returns the image count per split and finding
+    (``(none)``: images without a finding)."""
+    collected = read_collection(
+        root, collection, view=view, uncertain=uncertain, missing=missing, skip_bad=skip_bad
+    )
     if not collected.rows:
         raise MedxferError(f"{root}: no image of the {collection} table is left (view {view})")
-    rows = [(r.path, LABEL_SEP.join(sorted(r.labels)), r.split, r.patient) for r in collected.rows]
+    join = LABEL_SEP.join
+    rows = [
+        (r.path, join(sorted(r.labels)), r.split, r.patient, join(sorted(r.unknown)))
+        for r in collected.rows
+    ]
     for image, problem in collected.skipped:
         warn(f"{image}: {problem}; skipped")
     return _write(out, "labels", rows)
 
 
-def _write(out: str | Path, column: str, rows: list[tuple[Path, str, str, str]]) -> dict:
-    """One manifest writer: paths relative to the manifest's folder, written atomically."""
+def _write(out: str | Path, column: str, rows: list[tuple]) -> dict:
+    """One manifest writer: ``(file, label, split, patient[, unknown])`` rows, paths relative
+    to the manifest's folder, written atomically; the ``unknown`` column only when some row
+    has unknown labels."""
     out = Path(out)
     base = out.resolve().parent
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", column, "split", "patient"])
+    with_unknown = any(len(row) > 4 and row[4] for row in rows)
+    writer.writerow(["path", column, "split", "patient"] + ["unknown"] * with_unknown)
     counts: dict[str, dict[str, int]] = {}
-    for source, label, split, patient in rows:
+    for source, label, split, patient, *unknown in rows:
         path = Path(os.path.relpath(source.resolve(), base))
-        writer.writerow([path.as_posix(), label, split, patient])
+        extra = unknown[:1] if with_unknown else []
+        writer.writerow([path.as_posix(), label, split, patient, *extra])
         split_counts = counts.setdefault(split, {})
         for name in label.split(LABEL_SEP) if column == "labels" else [label]:
             split_counts[name or "(none)"] = split_counts.get(name or "(none)", 0) + 1

@@ -157,7 +157,7 @@ def _check_split_classes(data: PreparedData, location: str | Path) -> None:
     validation sets both classes."""
     train = data.targets[data.splits["train"]].numpy()
     counts = (
-        train.sum(axis=0)
+        np.nansum(train, axis=0)  # positives; unknown entries are NaN
         if data.task == "multilabel"
         else np.bincount(train, minlength=len(data.classes))
     )

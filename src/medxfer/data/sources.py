@@ -28,13 +28,16 @@ class Record:
     """One image: ``source`` is a file path, or ``NPZ#split/index`` for arrays in an .npz.
 
     ``label`` is the class name; in a multi-label set it is the image's label names joined by
-    ``|`` (empty: none). ``patient`` is None when the data does not say.
+    ``|`` (empty: none), and ``unknown`` the labels whose value is not known for this image
+    (uncertain or not mentioned: masked out of loss and metrics). ``patient`` is None when the
+    data does not say.
     """
 
     source: str
     label: str
     split: str
     patient: str | None = None
+    unknown: str = ""
 
     @property
     def name(self) -> str:
@@ -43,6 +46,10 @@ class Record:
     @property
     def label_set(self) -> frozenset[str]:
         return frozenset(n for n in self.label.split(LABEL_SEP) if n)
+
+    @property
+    def unknown_set(self) -> frozenset[str]:
+        return frozenset(n for n in self.unknown.split(LABEL_SEP) if n)
 
 
 @dataclass
@@ -234,9 +241,10 @@ def _from_csv(path: Path, skip_bad: bool) -> ImageSet:
                 skipped.append((str(file), problem))
                 continue
             patient = (row.get("patient") or "").strip() or None
-            records.append(Record(str(file), label, split, patient))
+            unknown = _unknown(where, column, row, label)
+            records.append(Record(str(file), label, split, patient, unknown))
     if column == "labels":
-        classes = sorted({n for r in records for n in r.label_set})
+        classes = sorted({n for r in records for n in r.label_set | r.unknown_set})
     else:
         classes = sorted({r.label for r in records}, key=_numeric_first)
     return ImageSet(path, "csv", records, classes, skipped, multilabel=column == "labels")
@@ -251,6 +259,21 @@ def _label_column(path: Path, header: set[str]) -> str:
             f"(got {sorted(header)})"
         )
     return columns.pop()
+
+
+def _unknown(where: str, column: str, row: dict, label: str) -> str:
+    """The optional ``unknown`` column of a multi-label manifest: labels not known for the
+    image (a label cannot be both positive and unknown)."""
+    value = (row.get("unknown") or "").strip()
+    if not value:
+        return ""
+    if column != "labels":
+        raise MedxferError(f"{where}: an unknown column needs a multi-label (labels) manifest")
+    unknown = _csv_label(where, "labels", value)
+    both = set(unknown.split(LABEL_SEP)) & set(label.split(LABEL_SEP)) - {""}
+    if both:
+        raise MedxferError(f"{where}: {sorted(both)[0]} is both a label and unknown")
+    return unknown
 
 
 def _csv_label(where: str, column: str, value: str | None) -> str:

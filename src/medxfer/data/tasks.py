@@ -106,13 +106,16 @@ def check_two_classes(imageset: ImageSet, split: str) -> None:
 
 
 def target_array(records: list[Record], task: str, classes: list[str]) -> np.ndarray:
-    """binary/multiclass: ``(N,)`` int64 class index; multilabel: ``(N, L)`` float32 0/1."""
+    """binary/multiclass: ``(N,)`` int64 class index; multilabel: ``(N, L)`` float32 0/1, NaN
+    where the entry is unknown (the record's ``unknown`` labels), which loss, class weights,
+    metrics and thresholds leave out."""
     column = {name: j for j, name in enumerate(classes)}
     if task != "multilabel":
         return np.array([column[r.label] for r in records], dtype=np.int64)
     targets = np.zeros((len(records), len(classes)), dtype=np.float32)
-    for i, names in enumerate(_names_of(records, task)):
-        targets[i, [column[n] for n in names]] = 1.0
+    for i, record in enumerate(records):
+        targets[i, [column[n] for n in record.label_set]] = 1.0
+        targets[i, [column[n] for n in record.unknown_set]] = np.nan
     return targets
 
 
@@ -126,6 +129,7 @@ def strata(targets: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """
     if targets.ndim == 1:
         return targets
+    targets = np.nan_to_num(targets)  # an unknown entry is not a label to stratify on
     frequency = targets[rows].sum(axis=0)
     rarity = np.where(targets > 0, frequency[None, :], np.inf)
     return np.where(targets.any(axis=1), rarity.argmin(axis=1), targets.shape[1])

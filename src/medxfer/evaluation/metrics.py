@@ -213,9 +213,10 @@ def multiclass_metrics(y, prob, classes: list[str], *, scores=None) -> dict:
 
 def multilabel_metrics(y, prob, thresholds, labels: list[str], *, scores=None) -> dict:
     """Metrics of per-label probabilities ``prob`` (N, L) for 0/1 targets ``y`` (N, L), each
-    label at its own threshold. A label's ROC AUC and average precision are None unless it
-    has both values; its F1 is None when it has no positives and none are predicted. The
-    macro means run over the labels where the metric is defined."""
+    label at its own threshold. NaN targets are unknown entries: each label is scored on its
+    known rows, and the loss is the mean over known entries. A label's ROC AUC and average
+    precision are None unless it has both values; its F1 is None when it has no positives and
+    none are predicted. The macro means run over the labels where the metric is defined."""
     y, prob = _multilabel_inputs(y, prob, labels)
     thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
     if thresholds.shape != (len(labels),):
@@ -223,12 +224,15 @@ def multilabel_metrics(y, prob, thresholds, labels: list[str], *, scores=None) -
             f"multilabel metrics: {len(thresholds)} thresholds for {len(labels)} labels"
         )
     rank = prob if scores is None else np.asarray(scores, dtype=np.float64)
+    known = ~np.isnan(y)
     per_label = {
-        name: _label_metrics(y[:, j], prob[:, j], thresholds[j], rank[:, j])
+        name: _label_metrics(y[k, j], prob[k, j], thresholds[j], rank[k, j])
         for j, name in enumerate(labels)
+        for k in [known[:, j]]
     }
-    clipped = np.clip(prob, EPS, 1 - EPS)
-    loss = -np.mean(y * np.log(clipped) + (1 - y) * np.log1p(-clipped))
+    clipped = np.clip(prob, EPS, 1 - EPS)[known]
+    entries = y[known]
+    loss = -np.mean(entries * np.log(clipped) + (1 - entries) * np.log1p(-clipped))
     return {
         "loss": float(loss),
         "macro_roc_auc": _mean_defined(per_label, "roc_auc"),
@@ -288,15 +292,17 @@ def _multiclass_inputs(y, prob, classes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _multilabel_inputs(y, prob, labels) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y).astype(np.int64)
+    y = np.asarray(y, dtype=np.float64)
     prob = np.asarray(prob, dtype=np.float64)
     if y.ndim != 2 or y.shape != prob.shape or y.shape[1] != len(labels) or len(y) == 0:
         raise MedxferError(
             f"multilabel metrics: targets {y.shape} and probabilities {prob.shape} must both be"
             f" (N, {len(labels)}) with N > 0"
         )
-    if not np.isin(y, (0, 1)).all():
-        raise MedxferError("multilabel metrics: targets must be 0 or 1")
+    if not (np.isin(y, (0, 1)) | np.isnan(y)).all():
+        raise MedxferError("multilabel metrics: targets must be 0, 1 or NaN (unknown)")
+    if np.isnan(y).all():
+        raise MedxferError("multilabel metrics: every target entry is unknown")
     return y, prob
 
 

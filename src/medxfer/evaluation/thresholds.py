@@ -18,12 +18,16 @@ from medxfer.errors import MedxferError
 def choose_threshold(rule: str, y, prob) -> float:
     """``0.5`` (or any number), ``youden`` (the threshold maximising sensitivity +
     specificity - 1; on ties the highest) or ``sens=0.95`` (the highest threshold whose
-    sensitivity reaches 0.95), from validation labels ``y`` and probabilities ``prob``."""
+    sensitivity reaches 0.95), from validation labels ``y`` (NaN: unknown, left out) and
+    probabilities ``prob``."""
     try:
         return float(rule)
     except ValueError:
         pass
     check_threshold_rule(rule)
+    if y is not None and prob is not None:  # unknown entries (NaN) choose nothing
+        known = ~np.isnan(np.asarray(y, dtype=np.float64))
+        y, prob = np.asarray(y)[known], np.asarray(prob)[known]
     if y is None or prob is None or len(np.unique(y)) < 2:
         raise MedxferError(f"--threshold {rule}: needs a validation split with both classes")
     pos = np.asarray(y) == 1

@@ -28,7 +28,7 @@ class RunFolder:
     RELIABILITY = "reliability.png"
     MODEL_CARD = "model_card.md"
     TRACKING = "tracking.json"  # the experiment tracker's run id, so a resumed run continues it
-    TEXT_COLUMNS = ("split", "file", "patient", "label", "predicted")  # of predictions.csv
+    TEXT_COLUMNS = ("split", "file", "patient", "label", "unknown", "predicted")  # predictions.csv
     FILES = (CONFIG, HISTORY, METRICS, PREDICTIONS, MODEL, RELIABILITY, MODEL_CARD)
 
     def __init__(self, path: str | Path) -> None:

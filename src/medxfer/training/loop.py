@@ -268,8 +268,7 @@ class ClassifierEpochs:
         self.scaler.scale(objective).backward()
         self.scaler.step(optimizer)
         self.scaler.update()
-        # correct decisions are counted per label entry for multilabel tasks
-        per_row = 1 if target.ndim == 1 else target.shape[1]
+        per_row = task.decisions_per_row(target)  # multilabel: known label entries per row
         with torch.no_grad():
             return torch.stack(
                 [
