@@ -88,6 +88,14 @@ def evaluate(
     return {"run": str(run), **load(run).evaluate(data, split, device=device)}
 
 
+def ensemble(runs, out: str | Path, *, resamples: int = 1000, seed: int = 0) -> dict:
+    """``medxfer ensemble``: the mean probability of classification runs scored on the same
+    images, written to ``out`` with its comparison against the best member; its metrics."""
+    from medxfer.classification.ensemble import ensemble as combine
+
+    return combine(runs, out, resamples=resamples, seed=seed)
+
+
 def load_classifier(run: str | Path) -> Any:
     """The ``TrainedModel`` of a classification run; a run of another family is refused with
     the command it takes (``medxfer segment predict|export``, ``medxfer detect ...``)."""

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_commands(sub) -> None:
-    """``train`` and ``evaluate``."""
+    """``train``, ``evaluate`` and ``ensemble``."""
     p = sub.add_parser("train", help="train one run (resumes an interrupted one)")
     p.add_argument("--data", required=True, help="folder tree, .npz or .csv manifest")
     p.add_argument("--out", required=True, help="run folder to write")
@@ -96,6 +96,13 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--json", type=Path, help="also write the metrics to this file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_evaluate)
+
+    p = sub.add_parser("ensemble", help="mean probability of runs scored on the same images")
+    p.add_argument("runs", nargs="+", type=Path, help="finished classification run folders")
+    p.add_argument("--out", type=Path, required=True, help="the ensemble's folder (new)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_ensemble)
 
 
 def _add_data_commands(sub) -> None:
@@ -322,6 +329,15 @@ def _train(args: argparse.Namespace) -> int:
         if test.get(k) is not None
     )
     print(f"{folder.path}: test {shown}")
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from medxfer.api import ensemble
+
+    metrics = ensemble(args.runs, args.out, resamples=args.bootstrap, seed=args.seed)
+    print((args.out / "model_card.md").read_text(), end="")
+    print(f"wrote {args.out} (best member: {Path(metrics['best_member']).name})")
     return 0
 
 

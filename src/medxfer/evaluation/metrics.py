@@ -45,6 +45,16 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "detection": ("map_50", "map"),
 }
 
+# the one metric that ranks runs of a task (a study's pooled comparison, an ensemble's best
+# member)
+PRIMARY = {
+    "binary": "roc_auc",
+    "multiclass": "macro_roc_auc",
+    "multilabel": "macro_roc_auc",
+    "segmentation": "dice",
+    "detection": "map_50",
+}
+
 _SCALARS: dict[str, tuple[str, ...]] = {
     "binary": (
         "loss",

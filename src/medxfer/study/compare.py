@@ -35,6 +35,7 @@ from scipy import stats
 
 from medxfer.atomic import write_json, write_with
 from medxfer.errors import MedxferError
+from medxfer.evaluation.metrics import PRIMARY
 from medxfer.evaluation.paired import holm
 from medxfer.families import family, family_of
 from medxfer.storage.folder import RunFolder
@@ -42,13 +43,6 @@ from medxfer.study.table import EXPERIMENT, collect, experiment_of, label, varyi
 
 FILE = "comparisons.csv"
 SETTINGS = "study.json"
-PRIMARY = {
-    "binary": "roc_auc",
-    "multiclass": "macro_roc_auc",
-    "multilabel": "macro_roc_auc",
-    "segmentation": "dice",
-    "detection": "map_50",
-}
 MODE_ORDER = ("scratch", "transfer", "finetune", "partial")
 POOLED = "pooled"
 COLUMNS = (
