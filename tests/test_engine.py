@@ -153,3 +153,16 @@ def test_similarity_stage_pools_agree_across_engines(small_kermany):
         assert got["torch"][name].shape[0] == len(pixels)
         _assert_close(got["onnxruntime"][name], got["torch"][name])
     _assert_close(got["torch"]["pooled"], Engine(network).features(pixels[:, None] / 255.0))
+
+
+def test_a_last_batch_of_one_image_joins_the_previous_one_under_batchnorm():
+    from torch import nn
+
+    from medxfer.training.loop import _batches
+
+    perm = torch.arange(17)
+    with_bn = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+    assert [len(b) for b in _batches(perm, 8, with_bn)] == [8, 9]
+    assert torch.equal(torch.cat(_batches(perm, 8, with_bn)), perm)
+    assert [len(b) for b in _batches(perm, 8, with_bn.eval())] == [8, 8, 1]
+    assert [len(b) for b in _batches(perm, 8, nn.Linear(2, 2))] == [8, 8, 1]

@@ -174,3 +174,19 @@ def test_detection_exports_to_onnx_that_onnxruntime_runs_as_pytorch(runs):
             p.add_(0.05)
     with pytest.raises(MedxferError, match="ONNX"):  # a graph that is not this model's
         check_agreement(path, ImageDetector(other).eval(), x)
+
+
+def test_onnx_detections_are_matched_whatever_their_order():
+    """Two boxes of equal score may leave NMS in either order; a moved box still fails."""
+    from medxfer.detection.export import BOX_TOLERANCE, _unmatched_gaps
+
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [5, 5, 9, 9]], dtype=np.float32)
+    labels, scores = np.array([1, 1, 2]), np.array([0.9, 0.9, 0.5], dtype=np.float32)
+    want = [boxes, labels, scores]
+    swapped = [a[[1, 0, 2]] for a in want]
+    assert _unmatched_gaps(swapped, want) is None
+    moved = [boxes.copy(), labels, scores]
+    moved[0][1, 0] += 10 * BOX_TOLERANCE
+    assert _unmatched_gaps(moved, want)["boxes"] == pytest.approx(10 * BOX_TOLERANCE, rel=1e-3)
+    relabelled = [boxes, np.array([1, 2, 2]), scores]
+    assert _unmatched_gaps(relabelled, want) is not None

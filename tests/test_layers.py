@@ -35,27 +35,66 @@ def modules() -> dict[str, Path]:
     return found
 
 
+def lazy_names() -> dict[str, str]:
+    """The package root's lazy names (``medxfer.train`` -> ``medxfer.api``): importing one
+    imports its module."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "_LAZY":
+            return ast.literal_eval(node.value)
+    return {}
+
+
 def imported(path: Path) -> list[tuple[str, int]]:
-    """``(module, line)`` of every medxfer import in the file, at any depth, except the ones
-    a type checker alone reads."""
+    """``(module, line)`` of every medxfer import in the file, at any depth (``import``,
+    ``from ... import``, a lazy name of the package root, ``importlib.import_module`` of a
+    literal name), except the ones a type checker alone reads (``if TYPE_CHECKING:``)."""
     found: list[tuple[str, int]] = []
+    lazy = lazy_names()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in TYPE_CHECKING:
             for branch in node.orelse:
                 visit(branch)
             return
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module.split(".")[0] == "medxfer":
                 found.append((node.module, node.lineno))
-                found.extend((f"{node.module}.{a.name}", node.lineno) for a in node.names)
+                for a in node.names:
+                    name = f"{node.module}.{a.name}"
+                    found.append(
+                        (lazy.get(a.name, name) if node.module == "medxfer" else name, node.lineno)
+                    )
         elif isinstance(node, ast.Import):
             found.extend((a.name, node.lineno) for a in node.names if a.name[:8] == "medxfer.")
+        elif _imports_by_name(node):
+            found.append((str(node.args[0].value), node.lineno))
         for child in ast.iter_child_nodes(node):
             visit(child)
 
     visit(ast.parse(path.read_text()))
     return found
+
+
+TYPE_CHECKING = {"TYPE_CHECKING", "typing.TYPE_CHECKING"}
+
+
+def _imports_by_name(node: ast.AST) -> bool:
+    """``importlib.import_module("medxfer....")`` with a literal name."""
+    return (
+        isinstance(node, ast.Call)
+        and ast.unparse(node.func).endswith("import_module")
+        and bool(node.args)
+        and isinstance(node.args[0], ast.Constant)
+    )
+
+
+def relative_imports(path: Path) -> list[int]:
+    return [
+        n.lineno
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.ImportFrom) and n.level > 0
+    ]
 
 
 def component(module: str) -> str:
@@ -91,6 +130,14 @@ def test_no_import_goes_up_or_across_task_families():
             if level[b] > level[a] or (a != b and {a, b} <= TASK_FAMILIES):
                 wrong.append(f"{modules()[source].relative_to(ROOT)}:{line} imports {target}")
     assert wrong == []
+
+
+def test_imports_are_absolute():
+    """A relative import would hide its target from the layer walk."""
+    found = [
+        f"{p.relative_to(ROOT)}:{line}" for p in modules().values() for line in relative_imports(p)
+    ]
+    assert found == []
 
 
 def test_no_import_cycle():
@@ -137,3 +184,14 @@ def test_the_walk_sees_imports_inside_functions_and_skips_type_checking(tmp_path
     names = [m for m, _ in imported(source)]
     assert "medxfer.cli" in names and "medxfer.study.spec" in names
     assert "medxfer.api" not in names
+    # the ways round the walk that an outside review found
+    source.write_text(
+        "import importlib\nfrom typing import TYPE_CHECKING\n"
+        "if not TYPE_CHECKING:\n    from medxfer.study import spec\n"
+        "from medxfer import train\n"
+        "def f():\n    importlib.import_module('medxfer.serve')\n"
+        "from ..cli import main\n"
+    )
+    names = [m for m, _ in imported(source)]
+    assert {"medxfer.study", "medxfer.api", "medxfer.serve"} <= set(names)
+    assert relative_imports(source) == [8]

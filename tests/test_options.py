@@ -32,6 +32,8 @@ def test_every_option_has_help(options):
         (RunConfig, {"optimizer": "rmsprop"}, "--optimizer 'rmsprop': choose from adam, adamw"),
         (RunConfig, {"epochs": 0}, "--epochs 0: must be at least 1"),
         (RunConfig, {"lr": 0.0}, "--lr 0.0: must be above 0.0"),
+        (RunConfig, {"lr": float("inf")}, "--lr inf: must be a finite number"),
+        (SegmentationOptions, {"lr": float("nan")}, "--lr nan: must be a finite number"),
         (RunConfig, {"views": "2"}, "--views '2': must be an integer"),
         (SegmentationOptions, {"select": "val_auc"}, "--select 'val_auc': choose from val_dice"),
         (SegmentationOptions, {"decoder_width": 0}, "--decoder-width 0: must be at least 1"),

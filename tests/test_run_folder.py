@@ -111,3 +111,18 @@ def test_outputs_get_the_mode_of_a_plainly_created_file(tmp_path):
     write_text(tmp_path / "atomic.txt", "x")
     plain, atomic = (os.stat(tmp_path / n).st_mode & 0o777 for n in ("plain.txt", "atomic.txt"))
     assert atomic == plain
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", '{"run": 3}', "\xff\xfe"])
+def test_a_config_json_of_the_wrong_shape_is_one_line(tmp_path, text):
+    folder = RunFolder(tmp_path)
+    folder.file(RunFolder.CONFIG).write_bytes(text.encode("latin-1"))
+    with pytest.raises(MedxferError, match=r"config\.json: (not a medxfer run|unreadable)"):
+        folder.read_options()
+
+
+def test_an_unknown_task_family_is_one_line(tmp_path):
+    from medxfer.families import family
+
+    with pytest.raises(MedxferError, match="task family 'nosuch': not one of classification"):
+        family("nosuch")

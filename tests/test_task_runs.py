@@ -78,8 +78,18 @@ def test_classification_verbs_name_the_command_a_segmentation_run_takes(
     capsys,
 ):
     image = LUNG / "images" / "CHNCXR_0001_0.png"
-    assert main(["predict", str(trained_run), str(image)]) == 2
-    assert "a segmentation run; use `medxfer segment predict|export`" in capsys.readouterr().err
+    for run in (trained_run, trained_run / "model.pt"):  # a folder, or its model file alone
+        assert main(["predict", str(run), str(image)]) == 2
+        assert "a segmentation run; use `medxfer segment predict|export`" in capsys.readouterr().err
+    # and the other family's commands refuse it too, before writing anything
+    out = trained_run.parent / "boxes"
+    assert main(["detect", "predict", str(trained_run), str(image), "--out", str(out)]) == 2
+    assert "a segmentation run; use `medxfer segment" in capsys.readouterr().err
+    assert main(["detect", "export", str(trained_run), "--out", str(out / "m.onnx")]) == 2
+    assert "a segmentation run" in capsys.readouterr().err and not out.exists()
+    # training another family's run into its folder names what the folder holds
+    assert main(["train", "--data", str(LUNG), "--out", str(trained_run), "--epochs", "1"]) == 2
+    assert "holds a segmentation run, not a classification one" in capsys.readouterr().err
 
 
 @needs_bccd

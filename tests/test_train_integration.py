@@ -223,8 +223,9 @@ def test_csv_source_trains(tmp_path, kermany):
     assert metrics["split_sizes"]["val"] > 0 and metrics["test"]["n"] == 12
 
 
-def test_interrupted_run_resumes_to_the_same_result(small_kermany, tmp_path):
-    common = dict(data=str(small_kermany), image_size=64, epochs=3, bootstrap=0)
+@pytest.mark.parametrize("mode", ["transfer", "scratch"])  # scratch: dropout's random stream
+def test_interrupted_run_resumes_to_the_same_result(small_kermany, tmp_path, mode):
+    common = dict(data=str(small_kermany), image_size=64, epochs=3, bootstrap=0, mode=mode)
     whole = train(
         RunConfig(out=str(tmp_path / "whole"), **common), progress=False, log=lambda _: None
     )

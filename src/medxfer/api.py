@@ -48,13 +48,14 @@ def train(
     return trainer.run()
 
 
-def load(run: str | Path) -> Any:
+def load(run: str | Path, family: str | None = None) -> Any:
     """The trained model of a finished run folder (or a ``model.pt``) of any task: a
     ``TrainedModel`` (classification: ``predict``, ``cam``, ``export``), a
-    ``TrainedSegmenter`` or a ``TrainedDetector`` (``predict``, ``export``, ``evaluate``)."""
+    ``TrainedSegmenter`` or a ``TrainedDetector`` (``predict``, ``export``, ``evaluate``).
+    With ``family``, a model of another family is refused in one line."""
     from medxfer.families import load_trained
 
-    return load_trained(run)
+    return load_trained(run, family)
 
 
 def evaluate(
@@ -99,10 +100,7 @@ def ensemble(runs, out: str | Path, *, resamples: int = 1000, seed: int = 0) -> 
 def load_classifier(run: str | Path) -> Any:
     """The ``TrainedModel`` of a classification run; a run of another family is refused with
     the command it takes (``medxfer segment predict|export``, ``medxfer detect ...``)."""
-    from medxfer.families import refuse_other_family
-
-    refuse_other_family(run)
-    return load(run)
+    return load(run, "classification")
 
 
 def _family_of_run(run: str | Path) -> str:

@@ -631,7 +631,7 @@ def _add_family_parser(sub, command: str, options: type) -> None:
     q = verbs.add_parser("export", help=f"ONNX model returning {returns[command]}")
     q.add_argument("run", type=Path)
     q.add_argument("--out", type=Path, help="default: RUN/model.onnx")
-    q.set_defaults(handler=_family_export)
+    q.set_defaults(handler=_family_export, family=family)
 
 
 def _add_segment_parser(sub) -> None:
@@ -661,7 +661,7 @@ def _segment_predict(args: argparse.Namespace) -> int:
     from medxfer.api import load
     from medxfer.segmentation.inference import MASKS_CSV
 
-    rows = load(args.run).predict(args.inputs, args.out, device=args.device)
+    rows = load(args.run, "segmentation").predict(args.inputs, args.out, device=args.device)
     failed = rows[rows.error.notna()]
     print(
         f"wrote {len(rows) - len(failed)} masks and overlays to {args.out}"
@@ -680,7 +680,7 @@ def _failures(failed) -> int:
 def _family_export(args: argparse.Namespace) -> int:
     from medxfer.api import load
 
-    path = load(args.run).export(args.out)
+    path = load(args.run, args.family).export(args.out)
     print(f"wrote {path} and {path}.json (checked in onnxruntime against PyTorch)")
     return 0
 
@@ -688,7 +688,7 @@ def _family_export(args: argparse.Namespace) -> int:
 def _detect_predict(args: argparse.Namespace) -> int:
     from medxfer.api import load
 
-    frame = load(args.run).predict(
+    frame = load(args.run, "detection").predict(
         args.inputs, args.out, min_score=args.min_score, device=args.device
     )
     failed = frame[frame["error"].notna()]

@@ -53,6 +53,10 @@ def build_options(options: dict[str, Any]):
 
 def family(name: str):
     """The task family ``name`` (``medxfer.training.trainer.Family``): what builds its jobs."""
+    if name not in FAMILIES:
+        from medxfer.errors import MedxferError
+
+        raise MedxferError(f"task family {name!r}: not one of {', '.join(FAMILIES)}")
     if name == "segmentation":
         from medxfer.segmentation.run import FAMILY
     elif name == "detection":
@@ -62,15 +66,24 @@ def family(name: str):
     return FAMILY
 
 
-def load_trained(run: str | Path):
+COMMANDS = {"classification": "predict|export", "segmentation": "segment predict|export"}
+COMMANDS["detection"] = "detect predict|export"
+
+
+def load_trained(run: str | Path, expected: str | None = None):
     """The trained model of a run folder (or its ``model.pt``), of whatever family made it:
     a ``TrainedModel`` (classification), ``TrainedSegmenter`` or ``TrainedDetector``, each
-    with ``predict``, ``export`` and ``evaluate``."""
+    with ``predict``, ``export`` and ``evaluate``. With ``expected``, a model of another
+    family is refused with the commands it takes."""
+    from medxfer.errors import MedxferError
     from medxfer.storage.model_file import FILE_NAME, read_model_file
 
     path = Path(run)
     path = path / FILE_NAME if path.is_dir() else path
     saved = read_model_file(path)
+    family(saved.family)  # an unknown family is one line
+    if expected is not None and saved.family != expected:
+        raise MedxferError(f"{run}: a {saved.family} run; use `medxfer {COMMANDS[saved.family]}`")
     return family(saved.family).load(saved, path)
 
 
@@ -94,22 +107,6 @@ def check_same_run(options: dict[str, Any]) -> None:
 
     built = build_options(options)
     Trainer(family(family_of(options)), built).check_same()
-
-
-def refuse_other_family(run: str | Path) -> None:
-    """Classification's commands on a segmentation or detection run: say which commands it
-    takes instead of failing on its model file."""
-    from medxfer.errors import MedxferError
-    from medxfer.storage.folder import RunFolder
-
-    folder = RunFolder(run)
-    if not folder.file(RunFolder.CONFIG).is_file():
-        return
-    family = folder.family()
-    if family != "classification":
-        use = {"segmentation": "segment predict|export", "detection": "detect predict|export"}
-        use = use[family]
-        raise MedxferError(f"{run}: a {family} run; use `medxfer {use}`")
 
 
 def _without_task(options: dict[str, Any]) -> dict[str, Any]:

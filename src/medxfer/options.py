@@ -13,6 +13,7 @@ line builds every ``train`` command's flags from the same metadata. Imports no t
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
@@ -69,6 +70,8 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
 
 def _check_meta(f: Field, value: Any) -> None:
     meta = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every bound
+        raise MedxferError(f"{flag(f.name)} {value}: must be a finite number")
     if meta.get("choices") and value not in meta["choices"]:
         raise MedxferError(f"{flag(f.name)} {value!r}: choose from {', '.join(meta['choices'])}")
     bounds = (

@@ -117,9 +117,12 @@ class RunFolder:
         if not path.exists():
             raise MedxferError(f"{self.path}: not a medxfer run folder (no {self.CONFIG})")
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            config = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MedxferError(f"{path}: unreadable ({exc})") from None
+        if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
+            raise MedxferError(f"{path}: not a medxfer run configuration (no 'run' options)")
+        return config
 
     # -- writing (each file atomically) ---------------------------------------------------
     def write_config(self, family: str, options: dict[str, Any], resolved: dict) -> None:

@@ -216,11 +216,21 @@ class ClassifierEpochs:
         self.targets = data.targets.to(device)
 
     def random_state(self) -> dict:
-        return {"order": self.order.get_state(), "source": self.source.generator.get_state()}
+        """Every random stream an epoch draws from: the batch order, the augmentation, and
+        torch's global generators (dropout, stochastic depth)."""
+        state = {"order": self.order.get_state(), "source": self.source.generator.get_state()}
+        state["torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
     def set_random_state(self, state: dict) -> None:
         self.order.set_state(state["order"])
         self.source.generator.set_state(state["source"])
+        if "torch" in state:  # checkpoints written before it was kept lack it
+            torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
     def train_one_epoch(self, epoch: int) -> dict:
         net, device, schedule = self.source.net, self.source.device, self.schedule
@@ -229,7 +239,7 @@ class ClassifierEpochs:
         sums = torch.zeros(3, device=device, dtype=torch.float64)  # objective, loss, correct
         perm = self.train_idx[torch.randperm(len(self.train_idx), generator=self.order)]
         batches = track(
-            perm.split(schedule.batch_size),
+            _batches(perm, schedule.batch_size, net),
             f"epoch {epoch}/{schedule.epochs}",
             total=len(self.train_idx),
             size=len,
@@ -286,6 +296,18 @@ class ClassifierEpochs:
                 row.update(_split_row(self.source.net, self.source, self.data, self.task, split))
         row["score"] = _selection_score({"epoch": epoch, **row}, self.schedule.select)
         return row
+
+
+def _batches(perm: torch.Tensor, batch_size: int, net: nn.Module) -> list[torch.Tensor]:
+    """The epoch's batches; a last batch of one image joins the one before it when the
+    network normalises with batch statistics (BatchNorm cannot train on a single value)."""
+    chunks = list(perm.split(batch_size))
+    single_last = len(chunks) > 1 and len(chunks[-1]) == 1
+    if single_last and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in net.modules()
+    ):
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return chunks
 
 
 def _split_row(net: nn.Module, source, data, task: Task, split: str) -> dict:

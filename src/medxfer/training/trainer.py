@@ -133,6 +133,12 @@ class Trainer:
 
     def check_same(self) -> None:
         """Refuse to continue (or report as done) a run of other settings in this folder."""
+        held = self.folder.family()
+        if held != self.family.name:
+            raise MedxferError(
+                f"{self.folder.path}: holds a {held} run, not a {self.family.name} one; "
+                "use another --out or --overwrite"
+            )
         before = self.family.read_options(self.folder.read_options())
         diff = differences(self.options, before)
         if diff:
