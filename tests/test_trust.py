@@ -111,15 +111,18 @@ def _manifest(folder: Path, out: Path, shuffle_test: bool) -> Path:
 
 
 @pytest.mark.integration
-def test_shuffled_test_labels_change_no_choice(small_kermany, tmp_path):
-    """The test set may never choose anything: with its labels shuffled the selected epoch,
-    threshold, temperature and every validation number stay exactly the same."""
+@pytest.mark.parametrize("head", ["paper", "logreg", "mlp"])
+def test_shuffled_test_labels_change_no_choice(small_kermany, tmp_path, head):
+    """The test set may never choose anything: with its labels shuffled the selected epoch
+    (for logreg: the strength C), threshold, temperature and every validation number stay
+    exactly the same."""
     results = {}
     for shuffled in (False, True):
         data = _manifest(small_kermany, tmp_path / f"m{shuffled}.csv", shuffled)
         cfg = RunConfig(
             data=str(data),
             out=str(tmp_path / f"run{shuffled}"),
+            head=head,
             image_size=64,
             epochs=3,
             bootstrap=0,

@@ -18,6 +18,7 @@ COLOR_CHOICES = ("auto", "gray", "rgb")
 AUGMENTATIONS = ("paper", "none")
 CALIBRATIONS = ("none", "temperature")
 SELECTIONS = ("val_loss", "val_auc", "last")
+HEADS = ("paper", "logreg", "mlp")
 ENGINES = ("auto", "torch", "onnxruntime")
 
 
@@ -44,6 +45,13 @@ class RunConfig(LayerOptions):
         True, "frozen backbones: compute features once per view, train the head on them"
     )
     views: int = option(2, "augmented views per training image kept in the feature cache", min=1)
+    head: str = option(
+        "paper",
+        "paper (a linear layer trained with the optimizer, the paper's), logreg (L2 logistic "
+        "or softmax regression on standardised cached features, one strength C per epoch from "
+        "1e-4 to 1e2, the best chosen on validation) or mlp (one hidden layer of 512)",
+        choices=HEADS,
+    )
     val_fraction: float | None = option(
         None,
         "carve this fraction of train (by patient, stratified) into validation (default 0.1; "
@@ -111,6 +119,7 @@ class RunConfig(LayerOptions):
             self.weights,
             self.weights_tag,
             inception_aux=self.resolution >= 299,
+            head="mlp" if self.head == "mlp" else "linear",
         )
 
     @property
@@ -174,6 +183,11 @@ class RunConfig(LayerOptions):
             (
                 self.folds is None or (folds >= 2 and 0 <= (self.fold or 0) < folds),
                 f"--fold must be in 0..{folds - 1} and --folds at least 2",
+            ),
+            (
+                self.head != "logreg" or self.uses_feature_cache,
+                "--head logreg fits the cached features of a frozen backbone: it needs --mode "
+                "transfer with --bn frozen or adapt and the feature cache on",
             ),
             (
                 self.val_fraction is None or 0 <= self.val_fraction < 0.5,

@@ -56,6 +56,8 @@ def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: EpochSt
         "threshold": thresholds[0] if task.name == "binary" else None,
         "threshold_rule": cfg.threshold_rule if task.uses_thresholds else None,
         "calibration": calibration,
+        "head": cfg.head,
+        "probe_strength": _chosen_strength(cfg, state),
         "selected_epoch": state.best_epoch,
         "selection": cfg.select,
         "test": test,
@@ -81,6 +83,13 @@ def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: EpochSt
         ignore_index=True,
     )
     return Assessment(model, metrics, predictions, curves)
+
+
+def _chosen_strength(cfg: RunConfig, state: EpochState) -> float | None:
+    """``--head logreg``: the strength C of the selected epoch."""
+    if cfg.head != "logreg" or not state.best_epoch:
+        return None
+    return state.history[state.best_epoch - 1].get("C")
 
 
 def _temperature(cfg: RunConfig, task: Task, val_logits, val_y) -> float:

@@ -67,6 +67,8 @@ def card_summary(
         },
         "selected_epoch": metrics.get("selected_epoch"),
         "epochs": cfg.epochs,
+        "head": metrics.get("head", "paper"),
+        "probe_strength": metrics.get("probe_strength"),
     }
 
 
@@ -92,6 +94,7 @@ def render(summary: dict[str, Any]) -> str:
         f"- Task: {summary['task']}; classes {', '.join(summary['classes'] or [])}"
         + (f"; positive {summary['positive']}" if summary.get("positive") else ""),
         f"- Input: {summary['image_size']} x {summary['image_size']} px",
+        _head_line(summary),
         f"- Selected epoch: {summary['selected_epoch']} of {summary['epochs']}",
         "",
         "## Data",
@@ -135,6 +138,16 @@ def render(summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _head_line(summary: dict[str, Any]) -> str:
+    head = summary.get("head") or "paper"
+    if head == "logreg":
+        return (
+            f"- Head: logreg (L2 logistic regression on standardised features, C = "
+            f"{_num(summary.get('probe_strength'))}, chosen on validation; one C per epoch)"
+        )
+    return {"mlp": "- Head: mlp (one hidden layer of 512)"}.get(head, "- Head: paper (linear)")
 
 
 def write_model_card(folder: RunFolder, outcome: Assessment) -> None:

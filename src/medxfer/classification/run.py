@@ -39,6 +39,7 @@ from medxfer.storage.folder import RunFolder
 from medxfer.tasks import make_task
 from medxfer.tracking import Handler
 from medxfer.training.loop import ClassifierEpochs, Schedule, build_optimizer, epoch_line
+from medxfer.training.probe import LogisticProbe
 from medxfer.training.trainer import EpochState, Family, Trainer
 
 
@@ -94,7 +95,8 @@ class ClassificationJob:
         schedule = Schedule(
             self.optimizer, cfg.epochs, cfg.batch_size, cfg.select, cfg.seed, self.ctx.runtime.amp
         )
-        self.epochs = ClassifierEpochs(
+        epochs = LogisticProbe if cfg.head == "logreg" else ClassifierEpochs
+        self.epochs = epochs(
             self.inputs.source,
             self.ctx.data,
             self.ctx.task,

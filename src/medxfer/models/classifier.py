@@ -36,12 +36,21 @@ class XrayClassifier(nn.Module):
     """
 
     def __init__(
-        self, prep: GrayToRGB, backbone: nn.Module, num_features: int, outputs: int = 1
+        self,
+        prep: GrayToRGB,
+        backbone: nn.Module,
+        num_features: int,
+        outputs: int = 1,
+        head: str = "linear",
     ) -> None:
         super().__init__()
         self.prep = prep
         self.backbone = backbone
-        self.head = HeadOnly(nn.Linear(num_features, outputs))
+        self.head = (
+            MLPHead(num_features, outputs)
+            if head == "mlp"
+            else HeadOnly(nn.Linear(num_features, outputs))
+        )
         self.num_features = num_features
         self.frozen: list[nn.Module] = []  # modules kept in eval mode while training (see modes)
 
@@ -72,6 +81,22 @@ class HeadOnly(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return _squeeze_single(self.linear(features))
+
+
+class MLPHead(nn.Module):
+    """``--head mlp``: features (B, D) -> Linear(D, 512) -> ReLU -> Dropout(0.2) -> logits."""
+
+    HIDDEN, DROPOUT = 512, 0.2
+
+    def __init__(self, num_features: int, outputs: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(num_features, self.HIDDEN)
+        self.dropout = nn.Dropout(self.DROPOUT)
+        self.linear = nn.Linear(self.HIDDEN, outputs)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(torch.relu(self.hidden(features)))
+        return _squeeze_single(self.linear(hidden))
 
 
 def _squeeze_single(logits: torch.Tensor) -> torch.Tensor:

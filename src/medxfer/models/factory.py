@@ -39,7 +39,7 @@ def create_model(spec: ModelSpec, load_weights: bool = True) -> XrayClassifier:
     else:
         backbone, num_features, mean_std = _torchvision_backbone(spec, load_weights)
     prep = GrayToRGB(*(PAPER_MEAN_STD if spec.normalization == "paper" else mean_std))
-    model = XrayClassifier(prep, backbone, num_features, spec.outputs)
+    model = XrayClassifier(prep, backbone, num_features, spec.outputs, spec.head)
     _apply_mode(model, spec)
     return model
 

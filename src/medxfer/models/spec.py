@@ -36,6 +36,7 @@ class ModelSpec:
     weights_tag: str = DEFAULT_TAG
     inception_aux: bool = True  # Inception v3's auxiliary classifier (needs >= 299 px inputs)
     outputs: int = 1  # width of the head: 1 (binary) or one per class / label
+    head: str = "linear"  # linear (the paper's, and logreg's), or mlp (one hidden layer)
 
     @property
     def pretrained(self) -> bool:
