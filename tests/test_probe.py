@@ -106,3 +106,47 @@ def test_mlp_head_trains_reloads_and_logreg_needs_a_frozen_backbone(small_kerman
     assert main(["predict", str(run), str(image), "--out", str(tmp_path / "p.csv")]) == 0
     bad = [*args, "--out", str(tmp_path / "x"), "--head", "logreg", "--mode", "finetune"]
     assert main(bad) == 2 and not (tmp_path / "x").exists()
+
+
+def test_stage_features_are_the_pooled_last_three_stages():
+    """Against hooks placed here by hand on a separate copy: MobileNet v2's features.16-18
+    (160 + 320 + 1280 channels), average-pooled and concatenated; a deep copy taps its own."""
+    import copy
+
+    from medxfer.models.factory import create_model
+    from medxfer.models.spec import ModelSpec
+
+    spec = ModelSpec("mobilenet_v2", mode="scratch", features="stages")
+    model = create_model(spec, load_weights=False).eval()
+    assert model.num_features == 160 + 320 + 1280
+    plain = copy.deepcopy(model.backbone.network)
+    for hooks in (m._forward_hooks for m in plain.modules()):
+        hooks.clear()
+    seen = {}
+    for name in ("features.16", "features.17", "features.18"):
+        plain.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: seen.__setitem__(name, out.mean((2, 3)))
+        )
+    x = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        got = model.features(x)
+        plain(model.prep(x))
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin.features(x), got)
+    want = torch.cat([seen[n] for n in ("features.16", "features.17", "features.18")], 1)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.integration
+def test_stage_features_run_and_evaluate_agree(small_kermany, tmp_path):
+    """The cached stage features (onnxruntime) and the full network (evaluate) give the same
+    validation numbers."""
+    from medxfer.api import evaluate
+
+    run = tmp_path / "run"
+    args = ["train", "--data", str(small_kermany), "--out", str(run), "--features", "stages"]
+    assert main([*args, "--image-size", "32", "--epochs", "2", "--bootstrap", "0", "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    val = evaluate(run, str(small_kermany), split="val", progress=False)
+    for key in ("roc_auc", "loss"):
+        assert val[key] == pytest.approx(metrics["val"][key], abs=1e-4)

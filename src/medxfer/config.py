@@ -19,6 +19,7 @@ AUGMENTATIONS = ("paper", "none")
 CALIBRATIONS = ("none", "temperature")
 SELECTIONS = ("val_loss", "val_auc", "last")
 HEADS = ("paper", "logreg", "mlp")
+FEATURES = ("last", "stages")
 ENGINES = ("auto", "torch", "onnxruntime")
 
 
@@ -51,6 +52,12 @@ class RunConfig(LayerOptions):
         "or softmax regression on standardised cached features, one strength C per epoch from "
         "1e-4 to 1e2, the best chosen on validation) or mlp (one hidden layer of 512)",
         choices=HEADS,
+    )
+    features: str = option(
+        "last",
+        "last (the pooled output of the last backbone stage) or stages (the pooled outputs of "
+        "the last three stages, concatenated)",
+        choices=FEATURES,
     )
     val_fraction: float | None = option(
         None,
@@ -120,6 +127,7 @@ class RunConfig(LayerOptions):
             self.weights_tag,
             inception_aux=self.resolution >= 299,
             head="mlp" if self.head == "mlp" else "linear",
+            features=self.features,
         )
 
     @property

@@ -160,6 +160,8 @@ def feature_key(ctx: Context) -> dict:
 
         key["libraries"].append(f"onnxruntime {onnxruntime.__version__}")
         key["graph"] = GRAPH_VERSION
+    if cfg.features != "last":  # absent for the last stage: earlier caches stay valid
+        key["features"] = cfg.features
     if cfg.bn == "adapt":
         key["adapted_on"] = ctx.data.index_key(ctx.data.splits["train"])
     return key

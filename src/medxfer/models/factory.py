@@ -19,7 +19,7 @@ from torch import nn
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import GrayToRGB, XrayClassifier
 from medxfer.models.spec import PAPER_ARCHS, PAPER_MEAN_STD, ModelSpec, default_image_size
-from medxfer.models.stages import backbone_stages
+from medxfer.models.stages import StagePooling, backbone_stages
 from medxfer.models.weights import missing_weights_message, torchvision_weights
 
 __all__ = ["PAPER_ARCHS", "ModelSpec", "create_model", "default_image_size", "weights_digest"]
@@ -39,8 +39,12 @@ def create_model(spec: ModelSpec, load_weights: bool = True) -> XrayClassifier:
     else:
         backbone, num_features, mean_std = _torchvision_backbone(spec, load_weights)
     prep = GrayToRGB(*(PAPER_MEAN_STD if spec.normalization == "paper" else mean_std))
+    frozen = _apply_mode(backbone, spec)
+    if spec.features == "stages":
+        backbone = StagePooling(backbone)
+        num_features = backbone.num_features
     model = XrayClassifier(prep, backbone, num_features, spec.outputs, spec.head)
-    _apply_mode(model, spec)
+    model.frozen = frozen
     return model
 
 
@@ -129,18 +133,17 @@ def _drop_last_linear(model: nn.Module, outputs: int) -> int:
     return last.in_features
 
 
-def _apply_mode(model: XrayClassifier, spec: ModelSpec) -> None:
-    backbone = model.backbone
+def _apply_mode(backbone: nn.Module, spec: ModelSpec) -> list[nn.Module]:
+    """Freeze what the mode keeps; returns the modules held in eval mode while training."""
     if getattr(backbone, "AuxLogits", None) is not None and (
         spec.mode == "transfer" or not spec.inception_aux
     ):
         backbone.aux_logits, backbone.AuxLogits = False, None  # a frozen probe needs no aux
     if spec.mode in ("scratch", "finetune"):
-        return
+        return []
     backbone.requires_grad_(False)
     if spec.mode == "transfer":
-        model.frozen = [backbone] if spec.bn != "train" else []
-        return
+        return [backbone] if spec.bn != "train" else []
     stages = backbone_stages(backbone)
     if spec.trainable_stages > len(stages):
         raise MedxferError(
@@ -150,8 +153,7 @@ def _apply_mode(model: XrayClassifier, spec: ModelSpec) -> None:
         module.requires_grad_(True)
     if getattr(backbone, "AuxLogits", None) is not None:
         backbone.AuxLogits.requires_grad_(True)
-    if spec.bn != "train":
-        model.frozen = [m for _, m in stages[: -spec.trainable_stages]]
+    return [m for _, m in stages[: -spec.trainable_stages]] if spec.bn != "train" else []
 
 
 def _load_state_dict(model: nn.Module, path: str) -> None:

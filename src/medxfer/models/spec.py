@@ -37,6 +37,7 @@ class ModelSpec:
     inception_aux: bool = True  # Inception v3's auxiliary classifier (needs >= 299 px inputs)
     outputs: int = 1  # width of the head: 1 (binary) or one per class / label
     head: str = "linear"  # linear (the paper's, and logreg's), or mlp (one hidden layer)
+    features: str = "last"  # last: the pooled last stage; stages: the last three, pooled
 
     @property
     def pretrained(self) -> bool:
