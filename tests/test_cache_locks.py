@@ -369,3 +369,28 @@ def test_cache_info_and_clear(tmp_path, capsys):
         "entries": 0,
         "bytes": 0,
     }
+
+
+def test_a_decode_that_another_process_finished_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two runs started together on one collection: between this run's list of missing
+    chunks and its decoding, the other one fills the entry; this run takes those chunks."""
+    import medxfer.data.cache as image_cache
+    from medxfer.cache import ChunkedArray
+    from medxfer.data.sources import open_dataset
+
+    data = make_subset(tmp_path / "d", {"train": 6, "test": 4})
+    monkeypatch.setattr(image_cache, "CHUNK_BYTES", 32 * 32 * 3)  # several chunks
+    reference = image_cache.decode_dataset(open_dataset(data), 32, tmp_path / "ref", progress=False)
+    original = ChunkedArray.missing
+
+    def missing_then_the_other_run_finishes(self):
+        todo = original(self)
+        if todo and self.folder.parent.name == "images":
+            monkeypatch.setattr(ChunkedArray, "missing", original)
+            image_cache.decode_dataset(open_dataset(data), 32, tmp_path / "c", progress=False)
+        return todo
+
+    monkeypatch.setattr(ChunkedArray, "missing", missing_then_the_other_run_finishes)
+    decoded = image_cache.decode_dataset(open_dataset(data), 32, tmp_path / "c", progress=False)
+    np.testing.assert_array_equal(decoded.pixels.numpy(), reference.pixels.numpy())
+    assert decoded.ok.all()

@@ -306,6 +306,11 @@ def test_mimic_tables_give_splits_subjects_views_and_unknowns(tmp_path):
         ("bad split", r"split\.csv\.gz:\d+: split 'holdout', not one of"),
         ("missing image", r"d0003\.jpg: file not found \(listed in .*split\.csv\.gz:5\)"),
         ("not gzip", r"chexpert\.csv\.gz: cannot be read as a CSV table"),
+        ("cut gzip", r"split\.csv\.gz: cannot be read as a CSV table"),
+        ("second label row", r"chexpert\.csv\.gz:\d+: study 50000000 has a second row"),
+        ("other subject", r"split\.csv\.gz:2: study 50000000 is subject 10000000 here but 9"),
+        ("both tables", r"both mimic-cxr-2\.0\.0-split\.csv and mimic-cxr-2\.0\.0-split\.csv\.gz"),
+        ("no view", r"split\.csv\.gz:2: image d0000 has no ViewPosition"),
     ],
 )
 def test_mimic_bad_input_stops_before_writing(tmp_path, damage, message):
@@ -324,11 +329,31 @@ def test_mimic_bad_input_stops_before_writing(tmp_path, damage, message):
             fh.write(text.replace(",validate", ",holdout", 1))
     elif damage == "missing image":
         next(root.rglob("d0003.jpg")).unlink()
-    else:
+    elif damage == "not gzip":
         table.write_bytes(b"not a gzip file")
+    elif damage == "cut gzip":
+        splits = root / "mimic-cxr-2.0.0-split.csv.gz"
+        splits.write_bytes(splits.read_bytes()[:60])
+    elif damage in ("second label row", "other subject"):
+        with gzip.open(table, "rt") as fh:
+            lines = fh.read().splitlines()
+        extra = lines[1] if damage == "second label row" else "9" + lines[1][1:]
+        rows = [lines[0], lines[1], extra] if damage == "second label row" else [lines[0], extra]
+        with gzip.open(table, "wt") as fh:
+            fh.write("\n".join(rows + lines[2:]) + "\n")
+    elif damage == "both tables":
+        with gzip.open(root / "mimic-cxr-2.0.0-split.csv.gz", "rt") as fh:
+            (root / "mimic-cxr-2.0.0-split.csv").write_text(fh.read())
+    else:
+        metadata = root / "mimic-cxr-2.0.0-metadata.csv.gz"
+        with gzip.open(metadata, "rt") as fh:
+            lines = fh.read().splitlines()
+        with gzip.open(metadata, "wt") as fh:
+            fh.write("\n".join(lines[:1] + lines[2:]) + "\n")
     out = tmp_path / "m.csv"
+    view = "frontal" if damage == "no view" else "all"
     with pytest.raises(MedxferError, match=message):
-        write_collection_manifest(root, out, collection="mimic-cxr")
+        write_collection_manifest(root, out, collection="mimic-cxr", view=view)
     assert not out.exists()
 
 
@@ -362,7 +387,14 @@ def test_u_ignore_run_masks_unknown_entries_end_to_end(tmp_path):
     assert list(test.unknown == "Effusion") == [not k for k in known]
     config = json.loads((run / "config.json").read_text())
     assert config["resolved"]["unknown_label_entries"]["Effusion"] > 0
-    assert "unknown" in (run / "model_card.md").read_text().lower()
+    policy = config["resolved"]["labelling"]
+    assert (policy["collection"], policy["uncertain"], policy["missing"]) == (
+        "chexpert",
+        "ignore",
+        "ignore",
+    )
+    card = (run / "model_card.md").read_text()
+    assert "U-Ignore" in card and "unknown label entries" in card
     assert main(["evaluate", str(run), "--data", str(manifest), "--quiet"]) == 0
 
 

@@ -124,3 +124,70 @@ def test_a_manifest_unknown_column_becomes_nan_targets_and_is_checked(tmp_path):
     single = _manifest(tmp_path, "path,label,split,unknown", ["A,train,B"])
     with pytest.raises(MedxferError, match=r"m\.csv:2: an unknown column needs a multi-label"):
         open_dataset(single)
+
+
+def test_no_known_entry_scores_nothing_and_raises_nothing():
+    """A bootstrap resample may hold only unknown entries: its metrics are None, not an error;
+    a label without known entries has no precision or recall either."""
+    y = np.array([[np.nan, 1.0], [np.nan, 0.0]])
+    prob = np.array([[0.2, 0.9], [0.7, 0.1]])
+    metrics = task_metrics("multilabel", y, prob, np.array([0.5, 0.5]), LABELS[:2])
+    assert metrics["per_label"]["A"] == {
+        "roc_auc": None,
+        "average_precision": None,
+        "f1": None,
+        "precision": None,
+        "recall": None,
+        "threshold": 0.5,
+        "support": 0,
+    }
+    assert metrics["per_label"]["B"]["roc_auc"] == 1.0
+    nothing = task_metrics("multilabel", np.full((2, 2), np.nan), prob, None, LABELS[:2])
+    assert nothing["loss"] is None and nothing["macro_roc_auc"] is None
+
+
+def _split_manifest(tmp_path, val_unknown: str):
+    from tests.conftest import KERMANY
+
+    rows = ["path,labels,split,patient,unknown"]
+    for split, n in (("train", 12), ("val", 6), ("test", 6)):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            files = sorted((KERMANY / ("test" if split == "test" else "train") / cls).iterdir())
+            for i, f in enumerate(files[:n] if split != "val" else files[-n:]):
+                labels = "|".join(["A"] * (cls == "PNEUMONIA") + ["B"] * (i % 2))
+                unknown = val_unknown if split == "val" else ""
+                if unknown:
+                    labels = "|".join(n for n in labels.split("|") if n not in unknown.split("|"))
+                rows.append(f"{f},{labels},{split},{split}{cls}{i},{unknown}")
+    path = tmp_path / "m.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "val_unknown, extra, message",
+    [
+        ("B", ["--threshold", "youden"], "label B has 0 known validation entries, not both"),
+        ("A|B", [], "every label entry of the val split is unknown"),
+    ],
+)
+def test_validation_without_known_entries_is_refused_before_writing(
+    tmp_path, capsys, val_unknown, extra, message
+):
+    from medxfer.cli import main
+
+    data = _split_manifest(tmp_path, val_unknown)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(out), "--val-fraction", "0"]
+    assert main([*args, "--image-size", "32", "--epochs", "1", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_unknown_label_that_is_no_label_is_refused(tmp_path):
+    from medxfer.data.sources import open_dataset
+    from medxfer.errors import MedxferError
+
+    typo = _manifest(tmp_path, "path,labels,split,unknown", ["A,train,Bogus", "A,test,"])
+    with pytest.raises(MedxferError, match="unknown label 'Bogus' is never a label"):
+        open_dataset(typo)

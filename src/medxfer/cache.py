@@ -109,26 +109,30 @@ class ChunkedArray:
 
     def missing(self) -> list[int]:
         """Chunks without a marker, or whose bytes do not match it (warned, then refilled)."""
-        todo = []
-        for chunk in range(self.chunks):
-            marker = self._marker(chunk)
-            try:
-                done = json.loads(marker.read_text())
-                rows = self.rows_of(chunk)
-                data = memoryview(self.read(np.arange(rows.start, rows.stop))).cast("B")
-                if _crc(done["meta"], data) != done["crc32"]:
-                    raise ValueError("checksum mismatch")
-                self._meta[chunk] = done["meta"]
-            except FileNotFoundError:
-                todo.append(chunk)
-            except (DamagedEntry, OSError, ValueError, KeyError, TypeError) as exc:
-                warn(f"{self.data} (chunk {chunk}): damaged cache entry ({exc}); recomputing it")
-                marker.unlink(missing_ok=True)
-                todo.append(chunk)
-        return todo
+        return [chunk for chunk in range(self.chunks) if not self.verify(chunk)]
 
-    def is_done(self, chunk: int) -> bool:
-        return self._marker(chunk).exists()
+    def verify(self, chunk: int) -> bool:
+        """Whether the chunk is finished and its bytes match its marker (then its metadata is
+        loaded); a damaged chunk is warned about and its marker removed."""
+        marker = self._marker(chunk)
+        try:
+            done = json.loads(marker.read_text())
+            rows = self.rows_of(chunk)
+            data = memoryview(self.read(np.arange(rows.start, rows.stop))).cast("B")
+            if _crc(done["meta"], data) != done["crc32"]:
+                raise ValueError("checksum mismatch")
+            self._meta[chunk] = done["meta"]
+            return True
+        except FileNotFoundError:
+            return False
+        except (DamagedEntry, OSError, ValueError, KeyError, TypeError) as exc:
+            warn(f"{self.data} (chunk {chunk}): damaged cache entry ({exc}); recomputing it")
+            marker.unlink(missing_ok=True)
+            return False
+
+    def done_elsewhere(self, chunk: int) -> bool:
+        """Whether another process finished ``chunk`` since :meth:`missing` (and it checks)."""
+        return self._marker(chunk).exists() and self.verify(chunk)
 
     def write(self, chunk: int, array: np.ndarray, meta: dict | None = None) -> None:
         """Store one chunk's rows, then its marker (the order that makes a kill safe)."""

@@ -16,7 +16,7 @@ from medxfer.errors import MedxferError
 from medxfer.evaluation.calibration import expected_calibration_error, fit_temperature
 from medxfer.evaluation.intervals import bootstrap_intervals
 from medxfer.evaluation.metrics import scalar_metrics, task_metrics
-from medxfer.evaluation.thresholds import choose_threshold
+from medxfer.evaluation.thresholds import choose_threshold, choose_thresholds
 from medxfer.models.classifier import XrayClassifier
 from medxfer.tasks import Task
 from medxfer.training.loop import predict_logits
@@ -71,6 +71,7 @@ def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: EpochSt
         "split_sizes": {k: len(v) for k, v in data.splits.items()},
         "class_counts": _class_counts(data, task),
         "unknown_counts": unknown_counts(data),
+        "labelling": data.imageset.labelling,
         "skipped_inputs": [{"file": f, "reason": r} for f, r in data.skipped],
         "device": str(ctx.runtime.device),
         "evaluation_precision": "float32",
@@ -110,14 +111,9 @@ def _thresholds(cfg: RunConfig, task: Task, val_y, val_prob) -> list[float] | No
     rule = cfg.threshold_rule
     if task.name == "binary":
         return [choose_threshold(rule, val_y, val_prob)]
-    return [
-        choose_threshold(
-            rule,
-            None if val_y is None else val_y[:, j],
-            None if val_prob is None else val_prob[:, j],
-        )
-        for j in range(task.outputs)
-    ]
+    if val_y is None or val_prob is None:
+        return [choose_threshold(rule, None, None) for _ in range(task.outputs)]
+    return choose_thresholds(rule, val_y, val_prob, task.classes).tolist()  # names a label
 
 
 def metric_thresholds(task: Task, thresholds: list[float] | None):

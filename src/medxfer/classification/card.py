@@ -48,6 +48,7 @@ def card_summary(
             "split_sizes": metrics.get("split_sizes"),
             "class_counts": counts,
             "unknown_counts": metrics.get("unknown_counts"),
+            "labelling": metrics.get("labelling"),
         },
         "operating_point": {
             "thresholds": metrics.get("thresholds"),
@@ -104,6 +105,8 @@ def render(summary: dict[str, Any]) -> str:
     ]
     for split, per_class in (data["class_counts"] or {}).items():
         lines.append(f"- {split} per class: " + ", ".join(f"{k} {v}" for k, v in per_class.items()))
+    if data.get("labelling"):
+        lines.append("- Labels: " + _labelling(data["labelling"]))
     for split, per_label in (data.get("unknown_counts") or {}).items():
         lines.append(
             f"- {split} unknown label entries (uncertain or not mentioned; masked out of the "
@@ -138,6 +141,24 @@ def render(summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+POLICIES = {
+    "ones": "positive (U-Ones)",
+    "zeros": "negative (U-Zeros)",
+    "ignore": "unknown, masked out (U-Ignore)",
+    "negative": "negative",
+}
+
+
+def _labelling(about: dict[str, Any]) -> str:
+    """How a collection manifest's labels were made, in words."""
+    text = f"{about.get('collection')} table, view {about.get('view', 'all')}"
+    if "uncertain" in about:
+        uncertain = POLICIES.get(about["uncertain"], about["uncertain"])
+        missing = "unknown, masked out" if about.get("missing") == "ignore" else "negative"
+        text += f"; uncertain (-1) entries {uncertain}; blank entries {missing}"
+    return text
 
 
 def _head_line(summary: dict[str, Any]) -> str:

@@ -67,6 +67,7 @@ class ClassificationJob:
     def __init__(self, cfg: RunConfig, runtime: Runtime, log: Log) -> None:
         loading = time.perf_counter()
         self.ctx, self.log = load_data(cfg, runtime), log
+        check_validation_choices(self.ctx)
         self.seconds = {"data": time.perf_counter() - loading}  # hashing, cold-cache decoding
         self.network = build_network(self.ctx)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -161,6 +162,33 @@ def load_data(cfg: RunConfig, runtime: Runtime, options: DataOptions | None = No
             f"({len(data.classes)} classes), decided by the most probable class"
         )
     return Context(cfg, runtime, data, make_task(data.task, data.classes), cache_dir)
+
+
+def check_validation_choices(ctx: Context) -> None:
+    """A multi-label threshold rule (other than a number) is chosen per label on validation:
+    each label needs both values among its known validation entries, checked before the
+    folder is touched (binary validation sets are checked when they are carved)."""
+    cfg, data = ctx.cfg, ctx.data
+    rows = data.splits.get("val")
+    needs_rule = ctx.task.uses_thresholds and not _is_number(cfg.threshold_rule)
+    if rows is None or data.task != "multilabel" or not needs_rule:
+        return
+    y = data.targets[rows]
+    for j, name in enumerate(data.classes):
+        known = y[:, j][~y[:, j].isnan()]
+        if len(known.unique()) < 2:
+            raise MedxferError(
+                f"{cfg.data}: --threshold {cfg.threshold_rule}: label {name} has "
+                f"{len(known)} known validation entries, not both values"
+            )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def build_network(ctx: Context) -> XrayClassifier:
@@ -305,6 +333,7 @@ def resolved(ctx: Context) -> dict:
         "threads": torch.get_num_threads(),
         "weights": weights_digest(cfg.model_spec),
         "data_key": data.data_key,
+        "labelling": data.imageset.labelling,
         "unknown_label_entries": (
             {name: sum(per[name] for per in unknown.values()) for name in data.classes}
             if unknown

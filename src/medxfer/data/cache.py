@@ -99,7 +99,7 @@ def _fill(store: ChunkedArray, imageset: ImageSet, progress: bool, **how) -> Non
     meanwhile is skipped."""
     todo = store.missing()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        chunks = (c for c in todo if not store.is_done(c))
+        chunks = (c for c in todo if not store.done_elsewhere(c))
         for chunk in track(
             chunks,
             f"decode {store.shape[-1]}px",

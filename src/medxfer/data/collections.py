@@ -196,14 +196,17 @@ def _chexpert_file(root: Path, relative: str) -> Path | None:
 # -- MIMIC-CXR-JPG --------------------------------------------------------------------------
 def _mimic(root: Path, view: str, policy: LabelPolicy, skip_bad: bool) -> Collected:
     studies = {}
-    labels_table = _one(root, "mimic-cxr-2.0.0-chexpert.csv*", "MIMIC-CXR's label table")
+    labels_table = _mimic_table(root, "chexpert")
     for where, row in _csv_rows(labels_table, MIMIC_INFO):
-        studies[row["study_id"].strip()] = policy.read(where, row, MIMIC_INFO)
+        study = row["study_id"].strip()
+        if study in studies:
+            raise MedxferError(f"{where}: study {study} has a second row of labels")
+        studies[study] = (row["subject_id"].strip(), *policy.read(where, row, MIMIC_INFO))
     positions = {}
-    metadata = _one(root, "mimic-cxr-2.0.0-metadata.csv*", "MIMIC-CXR's metadata table")
+    metadata = _mimic_table(root, "metadata")
     for _where, row in _csv_rows(metadata, ("dicom_id", "ViewPosition")):
         positions[row["dicom_id"].strip()] = row["ViewPosition"].strip().upper()
-    split_table = _one(root, "mimic-cxr-2.0.0-split.csv*", "MIMIC-CXR's split table")
+    split_table = _mimic_table(root, "split")
     rows, skipped = [], []
     for where, row in _csv_rows(split_table, ("dicom_id", "study_id", "subject_id", "split")):
         image, study, subject = (row[k].strip() for k in ("dicom_id", "study_id", "subject_id"))
@@ -212,6 +215,13 @@ def _mimic(root: Path, view: str, policy: LabelPolicy, skip_bad: bool) -> Collec
             raise MedxferError(f"{where}: split {row['split']!r}, not one of {list(MIMIC_SPLITS)}")
         if study not in studies:
             raise MedxferError(f"{where}: study {study} is not in {labels_table.name}")
+        if studies[study][0] != subject:
+            raise MedxferError(
+                f"{where}: study {study} is subject {subject} here but {studies[study][0]} in "
+                f"{labels_table.name}"
+            )
+        if view != "all" and image not in positions:
+            raise MedxferError(f"{where}: image {image} has no ViewPosition in {metadata.name}")
         frontal = positions.get(image, "") in FRONTAL_POSITIONS
         if view != "all" and frontal != (view == "frontal"):
             continue
@@ -222,10 +232,26 @@ def _mimic(root: Path, view: str, policy: LabelPolicy, skip_bad: bool) -> Collec
                 raise MedxferError(f"{file}: {problem}")
             skipped.append((str(file), problem))
             continue
-        positive, unknown = studies[study]
+        _subject, positive, unknown = studies[study]
         rows.append(Row(file, positive, split, subject, unknown))
     _check_patients(rows)
     return Collected(rows, skipped)
+
+
+def _mimic_table(root: Path, name: str) -> Path:
+    """``mimic-cxr-2.0.0-NAME.csv`` or its ``.gz`` as released; one of them, not both."""
+    found = [
+        p
+        for p in (root / f"mimic-cxr-2.0.0-{name}.csv", root / f"mimic-cxr-2.0.0-{name}.csv.gz")
+        if p.is_file()
+    ]
+    if not found:
+        raise MedxferError(
+            f"{root}: no mimic-cxr-2.0.0-{name}.csv[.gz] (MIMIC-CXR-JPG's {name} table)"
+        )
+    if len(found) > 1:
+        raise MedxferError(f"{root}: both {found[0].name} and {found[1].name}; keep one")
+    return found[0]
 
 
 # -- shared --------------------------------------------------------------------------------
@@ -241,10 +267,10 @@ def _check_patients(rows: list[Row]) -> None:
             )
 
 
-def _one(root: Path, pattern: str, what: str = "the ChestX-ray14 table") -> Path:
+def _one(root: Path, pattern: str) -> Path:
     found = sorted(root.glob(pattern))
     if not found:
-        raise MedxferError(f"{root}: no {pattern} ({what})")
+        raise MedxferError(f"{root}: no {pattern} (the ChestX-ray14 table)")
     return found[-1]
 
 
@@ -267,5 +293,5 @@ def _csv_rows(path: Path, needed: tuple[str, ...]) -> Iterator[tuple[str, dict]]
                 raise MedxferError(f"{path}: no column {missing[0]!r} (has {reader.fieldnames})")
             for number, row in enumerate(reader, start=2):
                 yield f"{path}:{number}", row
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as error:  # EOFError: cut .gz
         raise MedxferError(f"{path}: cannot be read as a CSV table ({error})") from None

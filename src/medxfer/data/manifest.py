@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from medxfer.atomic import write_text
+from medxfer.atomic import write_json, write_text
 from medxfer.data.collections import read_collection
 from medxfer.data.options import KERMANY_PATIENT_REGEX
 from medxfer.data.sources import LABEL_SEP, open_dataset
@@ -80,6 +80,11 @@ def write_collection_manifest(
     ]
     for image, problem in collected.skipped:
         warn(f"{image}: {problem}; skipped")
+    about = {"collection": collection, "root": str(Path(root).resolve()), "view": view}
+    if collection != "chestxray14":  # its labels have no uncertain or blank entries
+        about |= {"uncertain": uncertain, "missing": missing}
+    out = Path(out)
+    write_json(out.with_name(out.name + ".json"), about)  # read back by sources.labelling
     return _write(out, "labels", rows)
 
 

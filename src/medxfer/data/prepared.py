@@ -171,6 +171,12 @@ def _check_split_classes(data: PreparedData, location: str | Path) -> None:
         rows = data.splits.get(split)
         if data.task == "binary" and rows is not None and len(data.targets[rows].unique()) < 2:
             raise MedxferError(f"{location}: {split} split has only one class; need both")
+    for split, rows in data.splits.items():
+        if data.task == "multilabel" and data.targets[rows].isnan().all():
+            raise MedxferError(
+                f"{location}: every label entry of the {split} split is unknown; nothing there "
+                "could be scored"
+            )
 
 
 def _limit(imageset: ImageSet, n: int) -> ImageSet:

@@ -8,6 +8,7 @@ what the labels mean (binary, multi-class, multi-label) is decided in ``tasks``.
 from __future__ import annotations
 
 import csv
+import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -66,6 +67,7 @@ class ImageSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     arrays: dict[str, np.ndarray] | None = None
     multilabel: bool = False
+    labelling: dict | None = None  # how a collection manifest's labels were made (its sidecar)
 
     def with_records(self, records: list[Record], skipped: list | None = None) -> ImageSet:
         """The same dataset restricted to ``records`` (a subset, or after dropping failures)."""
@@ -244,10 +246,40 @@ def _from_csv(path: Path, skip_bad: bool) -> ImageSet:
             unknown = _unknown(where, column, row, label)
             records.append(Record(str(file), label, split, patient, unknown))
     if column == "labels":
-        classes = sorted({n for r in records for n in r.label_set | r.unknown_set})
+        classes = sorted({n for r in records for n in r.label_set})
+        _check_unknown_names(path, records, set(classes))
     else:
         classes = sorted({r.label for r in records}, key=_numeric_first)
-    return ImageSet(path, "csv", records, classes, skipped, multilabel=column == "labels")
+    multilabel = column == "labels"
+    return ImageSet(
+        path, "csv", records, classes, skipped, multilabel=multilabel, labelling=labelling(path)
+    )
+
+
+def labelling(manifest: Path) -> dict | None:
+    """``MANIFEST.json`` beside a manifest that ``medxfer manifest --collection`` wrote: the
+    collection and the uncertain / missing policies its labels were made with."""
+    sidecar = manifest.with_name(manifest.name + ".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        about = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedxferError(f"{sidecar}: unreadable ({exc})") from None
+    if not isinstance(about, dict):
+        raise MedxferError(f"{sidecar}: not a manifest description (a JSON object)")
+    return about
+
+
+def _check_unknown_names(path: Path, records: list[Record], labels: set[str]) -> None:
+    """An unknown entry must be of a label the manifest has (a typo would make a class)."""
+    for record in records:
+        stray = record.unknown_set - labels
+        if stray:
+            raise MedxferError(
+                f"{path}: {record.name}: unknown label {sorted(stray)[0]!r} is never a label "
+                "of any image in the manifest"
+            )
 
 
 def _label_column(path: Path, header: set[str]) -> str:

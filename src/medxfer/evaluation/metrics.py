@@ -242,9 +242,11 @@ def multilabel_metrics(y, prob, thresholds, labels: list[str], *, scores=None) -
     }
     clipped = np.clip(prob, EPS, 1 - EPS)[known]
     entries = y[known]
-    loss = -np.mean(entries * np.log(clipped) + (1 - entries) * np.log1p(-clipped))
+    loss = None  # a bootstrap resample may hold no known entry
+    if known.any():
+        loss = -float(np.mean(entries * np.log(clipped) + (1 - entries) * np.log1p(-clipped)))
     return {
-        "loss": float(loss),
+        "loss": loss,
         "macro_roc_auc": _mean_defined(per_label, "roc_auc"),
         "macro_average_precision": _mean_defined(per_label, "average_precision"),
         "macro_f1": _mean_defined(per_label, "f1"),
@@ -254,6 +256,9 @@ def multilabel_metrics(y, prob, thresholds, labels: list[str], *, scores=None) -
 
 
 def _label_metrics(y: np.ndarray, prob: np.ndarray, threshold: float, rank: np.ndarray) -> dict:
+    if not len(y):  # no known entry of this label: nothing to score
+        empty = ("roc_auc", "average_precision", "f1", "precision", "recall")
+        return {**dict.fromkeys(empty), "threshold": float(threshold), "support": 0}
     pred = prob >= threshold
     tp = int(np.sum(pred & (y == 1)))
     fp, fn = int(np.sum(pred)) - tp, int(np.sum(y == 1)) - tp
@@ -311,8 +316,6 @@ def _multilabel_inputs(y, prob, labels) -> tuple[np.ndarray, np.ndarray]:
         )
     if not (np.isin(y, (0, 1)) | np.isnan(y)).all():
         raise MedxferError("multilabel metrics: targets must be 0, 1 or NaN (unknown)")
-    if np.isnan(y).all():
-        raise MedxferError("multilabel metrics: every target entry is unknown")
     return y, prob
 
 

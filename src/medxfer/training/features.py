@@ -160,7 +160,7 @@ class FeatureCache:
             chunk_rows=max(1, FEATURE_CHUNK_BYTES // (4 * max(shape[1], 1))),
         )
         for chunk in store.missing():
-            if not store.is_done(chunk):
+            if not store.done_elsewhere(chunk):
                 store.write(chunk, extract(store.rows_of(chunk), chunk).numpy())
         return StoredRows(store)
 
