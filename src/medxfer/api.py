@@ -214,8 +214,9 @@ def manifest(
 
 
 def models(every: bool = False) -> list[tuple[str, str | None, bool]]:
-    """``medxfer models``: (architecture, ImageNet weights file or None, whether it is here)
-    for the paper's eight, or every torchvision classifier."""
+    """``medxfer models``: (architecture, ImageNet weights file or hub repository or None,
+    whether it is here) for the paper's eight, or every torchvision classifier and the
+    transformers of ``models.weights.TRANSFORMERS``."""
     from medxfer.models.factory import PAPER_ARCHS
     from medxfer.models.spec import torchvision_archs
     from medxfer.models.weights import torchvision_weights
@@ -224,6 +225,10 @@ def models(every: bool = False) -> list[tuple[str, str | None, bool]]:
     for name in torchvision_archs() if every else list(PAPER_ARCHS):
         found = torchvision_weights(name)
         rows.append((name, found and found.filename, bool(found and found.cached_path.exists())))
+    if every:  # the transformers (DINOv2, DINO, ViT, DeiT), weights from the hub cache
+        from medxfer.models.weights import TRANSFORMERS, hub_weights
+
+        rows += [(name, *hub_weights(name)) for name in TRANSFORMERS]
     return rows
 
 

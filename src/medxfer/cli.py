@@ -398,18 +398,18 @@ def _manifest(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from medxfer.api import models
 
-    print(f"{'architecture':<28}{'weights file':<40}available here")
+    print(f"{'architecture':<52}{'weights file or hub repository':<52}available here")
     for name, filename, here in models(args.all):
         if filename is None:
-            print(f"{name:<28}{'-':<40}no pretrained weights")
+            print(f"{name:<52}{'-':<52}no pretrained weights")
             continue
-        print(f"{name:<28}{filename:<40}{'yes' if here else 'no'}")
+        print(f"{name:<52}{filename:<52}{'yes' if here else 'no'}")
     print(
-        "\nAlso: any timm model as timm/NAME (weights through timm's pretrained config, or "
-        "--weights PATH)."
+        "\nAlso: any timm model as timm/NAME (weights through timm's pretrained config and the "
+        "hub cache, or --weights PATH)."
     )
     if not args.all:
-        print("`medxfer models --all` lists every torchvision classifier.")
+        print("`medxfer models --all` lists every torchvision classifier and the transformers.")
     return 0
 
 

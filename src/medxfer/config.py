@@ -9,7 +9,7 @@ from typing import Any
 
 from medxfer.data.options import KERMANY_PATIENT_REGEX, MAX_PIXELS, DataOptions
 from medxfer.errors import MedxferError
-from medxfer.models.spec import DEFAULT_TAG, ModelSpec, default_image_size
+from medxfer.models.spec import DEFAULT_TAG, POOLS, ModelSpec, default_image_size
 from medxfer.options import LayerOptions, check_options, from_values, option
 
 DEFAULT_VAL_FRACTION = 0.1
@@ -52,6 +52,12 @@ class RunConfig(LayerOptions):
         "or softmax regression on standardised cached features, one strength C per epoch from "
         "1e-4 to 1e2, the best chosen on validation) or mlp (one hidden layer of 512)",
         choices=HEADS,
+    )
+    pool: str | None = option(
+        None,
+        "transformers (timm ViTs, DINOv2): cls (the class token, the default), mean (of the "
+        "patch tokens) or both (concatenated)",
+        choices=POOLS,
     )
     features: str = option(
         "last",
@@ -128,6 +134,8 @@ class RunConfig(LayerOptions):
             inception_aux=self.resolution >= 299,
             head="mlp" if self.head == "mlp" else "linear",
             features=self.features,
+            pool=self.pool,
+            image_size=self.resolution,
         )
 
     @property

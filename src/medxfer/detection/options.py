@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from medxfer.models.spec import check_feature_maps
 from medxfer.options import TrainingOptions, check_options, option
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -40,6 +41,7 @@ class DetectionOptions(TrainingOptions):
 
     def validate(self) -> None:
         check_options(self)
+        check_feature_maps(self.arch, "detection")
 
 
 def options_from_dict(values: dict[str, Any]) -> DetectionOptions:

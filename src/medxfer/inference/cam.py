@@ -11,8 +11,9 @@ from PIL import Image
 from torch import nn
 
 from medxfer.atomic import write_with
+from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
-from medxfer.models.stages import backbone_stages
+from medxfer.models.stages import backbone_stages, stage_output
 
 if TYPE_CHECKING:  # inference takes a trained model; it never loads one
     from medxfer.classification.trained import TrainedModel
@@ -45,7 +46,7 @@ def target_layer(model: XrayClassifier, channels: int = 1, size: int = 64) -> tu
                 n, (out[0] if isinstance(out, tuple) else out).ndim
             )
         )
-        for n, m in stages
+        for n, m in ((n, stage_output(m)) for n, m in stages)
     ]
     try:
         with torch.no_grad():
@@ -53,7 +54,12 @@ def target_layer(model: XrayClassifier, channels: int = 1, size: int = 64) -> tu
     finally:
         for h in hooks:
             h.remove()
-    spatial = [(n, m) for n, m in stages if ndims.get(n) == 4]
+    spatial = [(n, stage_output(m)) for n, m in stages if ndims.get(n) == 4]
+    if not spatial:
+        raise MedxferError(
+            f"Grad-CAM: {type(model.backbone).__name__} has no stage with a spatial map "
+            "(a transformer gives tokens); use --cam with a CNN"
+        )
     return spatial[-1]
 
 

@@ -12,15 +12,24 @@ import hashlib
 import os
 import urllib.error
 
-import torch
 import torchvision
 from torch import nn
 
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import GrayToRGB, XrayClassifier
-from medxfer.models.spec import PAPER_ARCHS, PAPER_MEAN_STD, ModelSpec, default_image_size
-from medxfer.models.stages import StagePooling, backbone_stages
-from medxfer.models.weights import missing_weights_message, torchvision_weights
+from medxfer.models.spec import (
+    PAPER_ARCHS,
+    PAPER_MEAN_STD,
+    ModelSpec,
+    default_image_size,
+    is_token_model,
+)
+from medxfer.models.stages import StagePooling, TokenPooling, backbone_stages
+from medxfer.models.weights import (
+    load_weights_file,
+    missing_weights_message,
+    torchvision_weights,
+)
 
 __all__ = ["PAPER_ARCHS", "ModelSpec", "create_model", "default_image_size", "weights_digest"]
 
@@ -41,7 +50,7 @@ def create_model(spec: ModelSpec, load_weights: bool = True) -> XrayClassifier:
     prep = GrayToRGB(*(PAPER_MEAN_STD if spec.normalization == "paper" else mean_std))
     frozen = _apply_mode(backbone, spec)
     if spec.features == "stages":
-        backbone = StagePooling(backbone)
+        backbone = StagePooling(backbone, probe_size=spec.image_size or 96)
         num_features = backbone.num_features
     model = XrayClassifier(prep, backbone, num_features, spec.outputs, spec.head)
     model.frozen = frozen
@@ -84,7 +93,7 @@ def _torchvision_backbone(spec: ModelSpec, load_weights: bool) -> tuple[nn.Modul
             kwargs["init_weights"] = True
         model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
         if spec.weights and spec.pretrained:  # a scratch network starts from random weights
-            _load_state_dict(model, spec.weights)
+            load_weights_file(model, spec.weights, head=_last_linear(model)[0])
     if spec.arch == "inception_v3":
         # Inception's weights expect inputs scaled to [-1, 1] (the paper's normalisation);
         # ``transform_input`` converts ImageNet-normalised inputs into that range.
@@ -98,33 +107,39 @@ def _timm_backbone(spec: ModelSpec, load_weights: bool) -> tuple[nn.Module, int,
     import timm
 
     name = spec.arch[5:]
-    overlay = {"file": str(spec.weights)} if spec.weights else None
+    size = {"img_size": spec.image_size} if is_token_model(spec.arch) and spec.image_size else {}
+    from_hub = spec.pretrained and load_weights and not spec.weights
     try:
-        model = timm.create_model(
-            name,
-            pretrained=spec.pretrained and load_weights,
-            num_classes=0,
-            pretrained_cfg_overlay=overlay,
-        )
+        model = timm.create_model(name, pretrained=from_hub, num_classes=0, **size)
     except Exception as exc:  # hub errors come in many types
         raise MedxferError(
             f"ImageNet weights for timm/{name} could not be loaded ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]}); pass a local file with --weights PATH"
         ) from None
     cfg = model.pretrained_cfg
+    if spec.weights and spec.pretrained and load_weights:
+        load_weights_file(model, spec.weights, head=cfg.get("classifier"))
     mean_std = (
         tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
         tuple(cfg.get("std", (0.229, 0.224, 0.225))),
     )
+    if is_token_model(spec.arch):
+        model = TokenPooling(model, spec.pool or "cls")
     return model, model.num_features, mean_std
 
 
-def _drop_last_linear(model: nn.Module, outputs: int) -> int:
-    """Replace the classifier's final Linear by Identity; return its input width."""
+def _last_linear(model: nn.Module) -> tuple[str | None, nn.Linear | None]:
+    """The classifier's final Linear (Inception's auxiliary one aside) and its name."""
     name, last = None, None
     for n, m in model.named_modules():
         if isinstance(m, nn.Linear) and not n.startswith("AuxLogits"):
             name, last = n, m
+    return name, last
+
+
+def _drop_last_linear(model: nn.Module, outputs: int) -> int:
+    """Replace the classifier's final Linear by Identity; return its input width."""
+    name, last = _last_linear(model)
     if last is None:
         raise MedxferError(f"{type(model).__name__}: no final Linear layer to replace")
     model.set_submodule(name, nn.Identity())
@@ -154,20 +169,6 @@ def _apply_mode(backbone: nn.Module, spec: ModelSpec) -> list[nn.Module]:
     if getattr(backbone, "AuxLogits", None) is not None:
         backbone.AuxLogits.requires_grad_(True)
     return [m for _, m in stages[: -spec.trainable_stages]] if spec.bn != "train" else []
-
-
-def _load_state_dict(model: nn.Module, path: str) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise MedxferError(f"{path}: cannot read weights ({exc})") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise MedxferError(
-            f"{path}: weights do not fit {type(model).__name__} ({str(exc).splitlines()[0]})"
-        ) from None
 
 
 def _file_sha256(path: str) -> str:

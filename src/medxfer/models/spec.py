@@ -38,6 +38,8 @@ class ModelSpec:
     outputs: int = 1  # width of the head: 1 (binary) or one per class / label
     head: str = "linear"  # linear (the paper's, and logreg's), or mlp (one hidden layer)
     features: str = "last"  # last: the pooled last stage; stages: the last three, pooled
+    pool: str | None = None  # token models (ViTs): cls, mean (patch tokens) or both
+    image_size: int | None = None  # token models are built for it (position embeddings)
 
     @property
     def pretrained(self) -> bool:
@@ -63,11 +65,38 @@ class ModelSpec:
         if self.outputs < 1:
             raise MedxferError("a model needs at least one output")
         check_arch(self.arch)
+        if self.pool is not None and not is_token_model(self.arch):
+            raise MedxferError(
+                f"--pool {self.pool}: {self.arch} is not a transformer with tokens to pool "
+                "(a CNN's features are its global average pool)"
+            )
 
     def check_files(self) -> None:
         """Files a training run needs (not needed to reload a trained model)."""
         if self.pretrained and self.weights and not Path(self.weights).is_file():
             raise MedxferError(f"{self.weights}: weights file not found")
+
+
+TOKEN_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "eva", "beit")
+POOLS = ("cls", "mean", "both")
+
+
+def is_token_model(arch: str) -> bool:
+    """A timm transformer whose backbone returns tokens (ViT, DeiT, EVA, BEiT, DINOv2)."""
+    if not arch.startswith("timm/") or arch.startswith("timm/hf_hub:"):
+        return False
+    from timm.models import is_model_in_modules
+
+    return is_model_in_modules(arch[5:], list(TOKEN_MODULES))
+
+
+def check_feature_maps(arch: str, task: str) -> None:
+    """Segmentation and detection tap feature maps at strides 4-32: a CNN's."""
+    if is_token_model(arch):
+        raise MedxferError(
+            f"--arch {arch}: {task} needs a backbone with feature maps (a CNN); a transformer "
+            "gives tokens"
+        )
 
 
 def check_arch(arch: str) -> None:

@@ -12,10 +12,24 @@ EXPANDED = {"features", "blocks", "stages", "layers"}
 SKIPPED = {"AuxLogits"}
 
 
+TOKEN_STAGES = 4  # a transformer's blocks, grouped into this many stages of equal length
+
+
+class StageGroup(nn.Sequential):
+    """Consecutive transformer blocks counted as one stage (a view: the blocks stay where they
+    are in the network); its output is its last block's (:func:`stage_output`)."""
+
+
+def stage_output(module: nn.Module) -> nn.Module:
+    """The module whose forward output is the stage's output (to hook)."""
+    return module[-1] if isinstance(module, StageGroup) else module
+
+
 def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     """Parameterised children of the backbone in forward order, with the usual containers
     (``features``, ``blocks``, ``stages``, ``layers``) opened one level, and a lone wrapper
-    opened until there is more than one unit."""
+    opened until there is more than one unit. A transformer's ``blocks`` become
+    ``TOKEN_STAGES`` groups, each named after its last block."""
     prefix, body = "", backbone
     while True:
         units = [(n, m) for n, m in body.named_children() if n not in SKIPPED and _has_params(m)]
@@ -24,14 +38,22 @@ def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         break
     stages: list[tuple[str, nn.Module]] = []
+    tokens = hasattr(body, "patch_embed")
     for name, module in units:
         if name in EXPANDED and isinstance(module, (nn.Sequential, nn.ModuleList)):
-            stages += [
+            found = [
                 (f"{prefix}{name}.{n}", m) for n, m in module.named_children() if _has_params(m)
             ]
+            stages += _grouped(found) if tokens and name == "blocks" else found
         else:
             stages.append((f"{prefix}{name}", module))
     return stages
+
+
+def _grouped(blocks: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    size = max(1, -(-len(blocks) // TOKEN_STAGES))
+    groups = [blocks[i : i + size] for i in range(0, len(blocks), size)]
+    return [(group[-1][0], StageGroup(*(m for _, m in group))) for group in groups]
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -47,9 +69,10 @@ class StagePooling(nn.Module):
         super().__init__()
         self.network = network
         self.names = [name for name, _ in backbone_stages(network)[-count:]]
-        modules = dict(network.named_modules())
+        modules = dict(backbone_stages(network))
         for name in self.names:  # a partial of a method: a deepcopy taps its own copy
-            modules[name].register_forward_hook(functools.partial(self._keep, name))
+            tapped = stage_output(modules[name])
+            tapped.register_forward_hook(functools.partial(self._keep, name))
         self._taps: dict[str, torch.Tensor] = {}
         self.num_features = self._width(probe_size)
 
@@ -58,7 +81,7 @@ class StagePooling(nn.Module):
 
     def forward(self, x: torch.Tensor):
         out = self.network(x)
-        pooled = torch.cat([_pool(self._taps[name]) for name in self.names], dim=1)
+        pooled = torch.cat([pool_output(self._taps[name]) for name in self.names], dim=1)
         self._taps = {}
         return (pooled, out[1]) if isinstance(out, tuple) else pooled
 
@@ -72,6 +95,26 @@ class StagePooling(nn.Module):
             self.network.train(training)
 
 
-def _pool(output: torch.Tensor) -> torch.Tensor:
+def pool_output(output: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) feature maps -> (B, C); (B, N, C) tokens -> (B, C)."""
     return output.mean(dim=(2, 3)) if output.ndim == 4 else output.mean(dim=1)
+
+
+class TokenPooling(nn.Module):
+    """A timm transformer's tokens (after its final norm) pooled into one feature vector:
+    ``cls`` (the class token), ``mean`` (the mean of the patch tokens) or ``both``
+    (concatenated, the DINOv2 linear probe's input)."""
+
+    def __init__(self, network: nn.Module, pool: str) -> None:
+        super().__init__()
+        self.network, self.pool = network, pool
+        width = network.num_features
+        self.num_features = 2 * width if pool == "both" else width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.network.forward_features(x)
+        cls = tokens[:, 0]
+        mean = tokens[:, self.network.num_prefix_tokens :].mean(dim=1)
+        if self.pool == "cls":
+            return cls
+        return mean if self.pool == "mean" else torch.cat([cls, mean], dim=1)

@@ -3,6 +3,7 @@ pretrained config, or a local file. Nothing here downloads by other means."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,3 +80,92 @@ def install_weights(path: Path) -> Path:
         shutil.copyfile(path, tmp)
         tmp.replace(target)
     return target
+
+
+def load_weights_file(model: torch.nn.Module, path: str, head: str | None) -> None:
+    """Load a local state dict (``--weights FILE``: a torchvision-, timm- or plain PyTorch
+    file, e.g. an X-ray-pretrained encoder) into ``model``, refusing a file whose keys do not
+    fit: every key of the network must be there with its shape. Keys of the classifier
+    ``head`` (replaced by medxfer's own head) are dropped; a ``module.`` prefix (DataParallel)
+    and a timm model's own checkpoint filter (e.g. resizing ViT position embeddings) are
+    applied first."""
+    from medxfer.errors import MedxferError
+
+    state = _read_state(path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    filter_fn = getattr(
+        importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None
+    )
+    if filter_fn is not None and type(model).__module__.startswith("timm."):
+        state = filter_fn(state, model)
+    if head:
+        state = {k: v for k, v in state.items() if k != head and not k.startswith(head + ".")}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not _is_head(k, head)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys, first {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, first {unexpected[0]!r}")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{k!r} is {tuple(state[k].shape)}, the network needs {tuple(own[k].shape)}"
+            )
+        raise MedxferError(
+            f"{path}: weights do not fit {type(model).__name__} ({'; '.join(parts)})"
+        )
+    model.load_state_dict({**{k: v for k, v in own.items() if _is_head(k, head)}, **state})
+
+
+def _is_head(key: str, head: str | None) -> bool:
+    return bool(head) and (key == head or key.startswith(f"{head}."))
+
+
+def _read_state(path: str) -> dict:
+    from medxfer.errors import MedxferError
+
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickles, zip archives and safetensors fail in their own ways
+        raise MedxferError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    for wrapper in ("state_dict", "model"):  # Lightning- and trainer-style checkpoints
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MedxferError(f"{path}: not a state dict of tensors (save model.state_dict())")
+    return state
+
+
+# Self-supervised and supervised transformers the README names (``medxfer models --all``):
+# timm names with their pretrained tags, weights from the Hugging Face hub cache.
+TRANSFORMERS = (
+    "timm/vit_small_patch14_dinov2.lvd142m",
+    "timm/vit_base_patch14_dinov2.lvd142m",
+    "timm/vit_small_patch16_224.dino",
+    "timm/vit_base_patch16_224.dino",
+    "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    "timm/deit_small_patch16_224.fb_in1k",
+)
+
+
+def hub_weights(arch: str) -> tuple[str | None, bool]:
+    """(hub repository, whether its weights are in the local hub cache) of ``timm/NAME``."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.get_pretrained_cfg(arch.removeprefix("timm/"))
+    repo = cfg.hf_hub_id if cfg else None
+    if repo is None:
+        return None, False
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
+    names += ["model.safetensors", "pytorch_model.bin"]
+    return repo, any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)

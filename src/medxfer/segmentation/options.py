@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from medxfer.errors import MedxferError
+from medxfer.models.spec import check_feature_maps
 from medxfer.options import LayerOptions, check_options, option
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class SegmentationOptions(LayerOptions):
 
         check_options(self)
         self.model_spec.validate()
+        check_feature_maps(self.arch, "segmentation")
         self.label_values  # noqa: B018 - parses, raising on bad input
         SegmentationLoss(self.criterion, ce_weight=self.ce_weight, dice_weight=self.dice_weight)
 

@@ -15,7 +15,7 @@ from medxfer.data.images import RASTER_SUFFIXES
 from medxfer.device import to_input
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
-from medxfer.models.stages import backbone_stages
+from medxfer.models.stages import backbone_stages, pool_output, stage_output
 from medxfer.progress import track
 
 POOLED = "pooled"  # the backbone's final feature vector, the head's input
@@ -79,11 +79,15 @@ class StagePools(nn.Module):
         def hook(name):
             def keep(_module, _inputs, output):
                 out = output[0] if isinstance(output, tuple) else output
-                captured[name] = out.mean(dim=(2, 3)) if out.ndim == 4 else out
+                captured[name] = pool_output(out) if out.ndim in (3, 4) else out
 
             return keep
 
-        handles = [modules[n].register_forward_hook(hook(n)) for n in self.names if n != POOLED]
+        handles = [
+            stage_output(modules[n]).register_forward_hook(hook(n))
+            for n in self.names
+            if n != POOLED
+        ]
         try:
             pooled = self.backbone(rgb)
         finally:
