@@ -59,6 +59,14 @@ class RunConfig(LayerOptions):
         "patch tokens) or both (concatenated)",
         choices=POOLS,
     )
+    tta: int = option(
+        1,
+        "test-time augmentation: the mean probability over N fixed views (1: the image alone; "
+        "2 adds its mirror, 3-7 90%% crops at the centre and corners, 8 the mirrored centre "
+        "crop), for validation, test, evaluate and predict",
+        min=1,
+        max=8,
+    )
     features: str = option(
         "last",
         "last (the pooled output of the last backbone stage) or stages (the pooled outputs of "

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import expit, log_softmax, softmax
+from scipy.special import expit, log_softmax, logsumexp, softmax
 
 from medxfer.errors import MedxferError
 
@@ -95,6 +95,26 @@ class Task:
         probability rounds to exactly 1.0 beyond a logit of about 37."""
         z = np.asarray(logits, dtype=np.float64) / temperature
         return log_softmax(z, axis=1) if self.name == "multiclass" else z
+
+    def mean_probabilities(self, views: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """``--tta``: the mean over views of :meth:`probabilities`; ``views`` (V, N, ...)."""
+        if len(views) == 1:
+            return self.probabilities(views[0], temperature)
+        return np.mean([self.probabilities(z, temperature) for z in views], axis=0)
+
+    def mean_scores(self, views: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """Ranking scores of :meth:`mean_probabilities` that never round to a tie: the
+        log-odds of the mean probability (binary, multilabel), the log of the mean softmax
+        (multiclass), both through log-sum-exp; one view: :meth:`scores` itself."""
+        if len(views) == 1:
+            return self.scores(views[0], temperature)
+        z = np.asarray(views, dtype=np.float64) / temperature
+        log_n = np.log(len(z))
+        if self.name == "multiclass":
+            return logsumexp(log_softmax(z, axis=2), axis=0) - log_n
+        log_p = logsumexp(-np.logaddexp(0.0, -z), axis=0) - log_n  # log mean sigmoid(z)
+        log_q = logsumexp(-np.logaddexp(0.0, z), axis=0) - log_n  # log mean sigmoid(-z)
+        return log_p - log_q
 
     def decide(self, prob: np.ndarray, thresholds: list[float] | None) -> np.ndarray:
         """Class index per image (binary, multiclass) or a 0/1 matrix (multilabel)."""

@@ -19,7 +19,7 @@ from medxfer.evaluation.metrics import scalar_metrics, task_metrics
 from medxfer.evaluation.thresholds import choose_threshold, choose_thresholds
 from medxfer.models.classifier import XrayClassifier
 from medxfer.tasks import Task
-from medxfer.training.loop import predict_logits
+from medxfer.training.loop import view_logits
 from medxfer.training.trainer import EpochState
 
 
@@ -28,11 +28,13 @@ def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: EpochSt
     metrics with intervals, the predictions of both splits, and the trained model."""
     cfg, data, task = ctx.cfg, ctx.data, ctx.task
     splits = {s: data.splits[s] for s in ("val", "test") if s in data.splits}
-    logits = {s: predict_logits(inputs.trainable, inputs.source, idx) for s, idx in splits.items()}
+    # (V, N, ...): every test-time view (--tta; one by default)
+    views = {s: view_logits(inputs.trainable, inputs.source, idx) for s, idx in splits.items()}
+    logits = {s: z[0] for s, z in views.items()}  # the images themselves
     truth = {s: data.targets[idx].numpy() for s, idx in splits.items()}
     temperature = _temperature(cfg, task, logits.get("val"), truth.get("val"))
-    prob = {s: task.probabilities(z, temperature) for s, z in logits.items()}
-    scores = {s: task.scores(z, temperature) for s, z in logits.items()}  # ranks without ties
+    prob = {s: task.mean_probabilities(z, temperature) for s, z in views.items()}
+    scores = {s: task.mean_scores(z, temperature) for s, z in views.items()}  # ranks, no ties
     thresholds = _thresholds(cfg, task, truth.get("val"), prob.get("val"))
     cut = metric_thresholds(task, thresholds)
     test = task_metrics(

@@ -8,7 +8,7 @@ import time
 import torch
 
 from medxfer.classification.context import Context, Inputs
-from medxfer.data.augment import get_augmentation
+from medxfer.data.augment import TTA_VIEWS, get_augmentation
 from medxfer.data.cache import DECODER_VERSION
 from medxfer.data.prepared import PreparedData
 from medxfer.device import Runtime
@@ -44,11 +44,12 @@ def prepare_inputs(ctx: Context, network: XrayClassifier, adapted: bool) -> Inpu
             augmentation,
             seed=cfg.seed,
             eval_batch_size=runtime.batch_size,
+            eval_views=cfg.tta,
         )
         return Inputs(source)
     started = time.perf_counter()
     seconds = {"augment": 0.0, "forward": 0.0}
-    clean, clean_idx, views = _cached_features(ctx, network, augmentation, seconds)
+    clean, clean_idx, views, tta = _cached_features(ctx, network, augmentation, seconds)
     source = FeatureSource(
         network.head,
         clean,
@@ -57,6 +58,7 @@ def prepare_inputs(ctx: Context, network: XrayClassifier, adapted: bool) -> Inpu
         train_index=data.splits["train"],
         device=runtime.device,
         seed=cfg.seed,
+        tta=tta,
     )
     return Inputs(source, {"features": time.perf_counter() - started, **seconds})
 
@@ -92,23 +94,29 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation, second
         clean_idx = torch.cat([train_idx, clean_idx])
     dim = network.num_features
 
-    def clean_rows(rows: range, _chunk: int) -> torch.Tensor:
+    def clean_rows(rows: range, _chunk: int, tta: int = 0) -> torch.Tensor:
         return extract_features(
             network,
             data.pixels,
             clean_idx[rows.start : rows.stop],
             runtime,
+            View(tta=tta),
             engine=engine,
             seconds=seconds,
         )
 
-    clean = cache.get(
-        {**base, "view": "clean", "dtype": "float32", "rows": data.index_key(clean_idx)},
-        (len(clean_idx), dim),
-        clean_rows,
-    )
+    clean_key = {**base, "view": "clean", "dtype": "float32", "rows": data.index_key(clean_idx)}
+    clean = cache.get(clean_key, (len(clean_idx), dim), clean_rows)
+    tta = [  # --tta: the fixed test-time views after the identity
+        cache.get(
+            {**clean_key, "tta": TTA_VIEWS[k]},
+            (len(clean_idx), dim),
+            lambda rows, chunk, k=k: clean_rows(rows, chunk, k),
+        )
+        for k in range(1, cfg.tta)
+    ]
     if augmentation is None:
-        return clean, clean_idx, None
+        return clean, clean_idx, None, tta
     views = []
     for v in range(cfg.views):
         key = {
@@ -133,7 +141,7 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation, second
             )
 
         views.append(cache.get(key, (len(train_idx), dim), view_rows))
-    return clean, clean_idx, views
+    return clean, clean_idx, views, tta
 
 
 def feature_key(ctx: Context) -> dict:

@@ -245,9 +245,9 @@ def evaluate(
     model.to(runtime.device, runtime.engine, ctx.cache_dir)
     pixels = ctx.data.pixels  # rows on disk are read a batch at a time
     chosen = pixels.subset(idx.numpy()) if isinstance(pixels, StoredRows) else pixels[idx]
-    logits = model.logits(chosen, runtime.batch_size)
-    prob = model.task.probabilities(logits, model.temperature)
-    scores = model.task.scores(logits, model.temperature)
+    views = model.view_logits(chosen, runtime.batch_size)  # (V, N, ...): the run's --tta
+    prob = model.task.mean_probabilities(views, model.temperature)
+    scores = model.task.mean_scores(views, model.temperature)
     y = ctx.data.targets[idx].numpy()
     return {
         "run": str(run),

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from medxfer.config import RunConfig
+from medxfer.data.augment import tta_view
 from medxfer.device import inference_batch_size, to_input
 from medxfer.engine import Engine, make_engine, own_engine, resolve_engine
 from medxfer.errors import MedxferError
@@ -105,23 +106,35 @@ class TrainedModel(Reloadable):
         self.engine = make_engine(name, self.network, cache)
         return self
 
-    def logits(self, pixels: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
-        """Logits (float64) of uint8 images (B, S, S) gray or (B, 3, S, S) colour, computed in
-        float32 on the network's device by the engine chosen in ``to``, in batches."""
+    def logits(
+        self, pixels: torch.Tensor, batch_size: int | None = None, view: int = 0
+    ) -> np.ndarray:
+        """Logits (float64) of uint8 images (B, S, S) gray or (B, 3, S, S) colour in test-time
+        view ``view`` (0: the images themselves), computed in float32 on the network's device
+        by the engine chosen in ``to``, in batches."""
         device = next(self.network.parameters()).device
         if self.engine is None:
             self.to(device)
         self.network.eval()
         batch = inference_batch_size(batch_size, device)
         with torch.inference_mode():
-            out = [self.engine.logits(to_input(c, device)).double() for c in pixels.split(batch)]
+            out = [
+                self.engine.logits(tta_view(to_input(c, device), view)).double()
+                for c in pixels.split(batch)
+            ]
         if not out:
             return np.zeros((0,) if self.task.outputs == 1 else (0, self.task.outputs))
         return torch.cat(out).numpy()
 
+    def view_logits(self, pixels: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        """Logits of every test-time view the run was scored with (``--tta``): (V, B, ...)."""
+        views = self.config.tta
+        return np.stack([self.logits(pixels, batch_size, v) for v in range(views)])
+
     def probabilities(self, pixels: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
-        """Binary: P(positive) (B,); multiclass: (B, K); multilabel: (B, L); calibrated."""
-        return self.task.probabilities(self.logits(pixels, batch_size), self.temperature)
+        """Binary: P(positive) (B,); multiclass: (B, K); multilabel: (B, L); calibrated, and
+        averaged over the run's test-time views."""
+        return self.task.mean_probabilities(self.view_logits(pixels, batch_size), self.temperature)
 
     def decide(self, prob: np.ndarray, thresholds: list[float] | None = None) -> np.ndarray:
         """Class indices (binary, multiclass) or a 0/1 matrix (multilabel), at the stored

@@ -75,3 +75,35 @@ def augment_batch(
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     out = (out - mean) * contrast.to(out.device, out.dtype).view(b, 1, 1, 1) + mean
     return out.clamp_(0.0, 1.0)
+
+
+# -- test-time augmentation ------------------------------------------------------------------
+TTA_VIEWS = (
+    "identity",
+    "hflip",
+    "center",
+    "top_left",
+    "top_right",
+    "bottom_left",
+    "bottom_right",
+    "center_hflip",
+)
+TTA_CROP = 0.9  # crops keep this share of the side, resized back to the working size
+
+
+def tta_view(x: torch.Tensor, view: int) -> torch.Tensor:
+    """Fixed view ``view`` (index into ``TTA_VIEWS``) of a float batch (B, C, S, S): the image
+    itself, its mirror, or a 90% crop (centre or a corner) resized back to S x S."""
+    name = TTA_VIEWS[view]
+    if name == "identity":
+        return x
+    if name == "hflip":
+        return x.flip(-1)
+    side = x.shape[-1]
+    crop = max(1, round(TTA_CROP * side))
+    offset = {"center": (side - crop) // 2, "center_hflip": (side - crop) // 2}
+    top = offset.get(name, 0 if name.startswith("top") else side - crop)
+    left = offset.get(name, 0 if name.endswith("left") else side - crop)
+    out = x[..., top : top + crop, left : left + crop]
+    out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return out.flip(-1) if name == "center_hflip" else out

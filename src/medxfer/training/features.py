@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from medxfer.cache import ChunkedArray, StoredRows
-from medxfer.data.augment import Augmentation, augment_batch
+from medxfer.data.augment import Augmentation, augment_batch, tta_view
 from medxfer.device import Runtime, autocast, single_thread, to_input
 from medxfer.engine import Engine
 from medxfer.models.classifier import XrayClassifier
@@ -26,10 +26,12 @@ from medxfer.progress import track
 @dataclass(frozen=True)
 class View:
     """Which view of the images to pass: clean (no ``augmentation``), or augmented with random
-    parameters drawn from a generator seeded with ``seed``."""
+    parameters drawn from a generator seeded with ``seed``; ``tta`` > 0 is a fixed test-time
+    view of the clean images (``data.augment.TTA_VIEWS``)."""
 
     augmentation: Augmentation | None = None
     seed: int = 0
+    tta: int = 0
 
     @property
     def clean(self) -> bool:
@@ -70,6 +72,7 @@ def extract_features(
             x = to_input(pixels[chunk], runtime.device)
             if not view.clean:
                 x = augment_batch(x, view.augmentation, generator)
+            x = tta_view(x, view.tta)
         between = time.perf_counter()
         with autocast(runtime.device, amp):
             out.append(engine.features(x))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medxfer.data.augment import Augmentation, augment_batch
+from medxfer.data.augment import Augmentation, augment_batch, tta_view
 from medxfer.device import autocast, to_input
 from medxfer.evaluation.metrics import task_metrics
 from medxfer.models.classifier import HeadOnly
@@ -34,9 +34,11 @@ class ImageSource:
         *,
         seed: int,
         eval_batch_size: int,
+        eval_views: int = 1,
     ) -> None:
         self.net = model
         self.eval_batch_size = eval_batch_size
+        self.eval_views = eval_views  # --tta: fixed views every evaluation averages
         self.pixels = _on_device(pixels, device)
         self.device, self.aug = device, aug
         self.generator = torch.Generator().manual_seed(seed + 1)
@@ -45,8 +47,8 @@ class ImageSource:
         x = to_input(_rows(self.pixels, idx), self.device)
         return augment_batch(x, self.aug, self.generator) if self.aug else x
 
-    def eval_inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        return to_input(_rows(self.pixels, idx), self.device)
+    def eval_inputs(self, idx: torch.Tensor, view: int = 0) -> torch.Tensor:
+        return tta_view(to_input(_rows(self.pixels, idx), self.device), view)
 
 
 def _on_device(array, device: torch.device):
@@ -66,8 +68,9 @@ class FeatureSource:
     augmented views for every training image; evaluation uses the clean view.
 
     ``clean`` holds features of the records ``clean_index``; ``views`` (K arrays of (n, D)) those
-    of ``train_index`` (None: train on the clean view, i.e. without augmentation). On a GPU they
-    are copied there once; on the CPU each batch reads its rows (from disk, for a cache).
+    of ``train_index`` (None: train on the clean view, i.e. without augmentation); ``tta``
+    (V - 1 arrays like ``clean``) those of the fixed test-time views after the identity. On a
+    GPU they are copied there once; on the CPU each batch reads its rows (from disk, for a cache).
     """
 
     def __init__(
@@ -80,11 +83,14 @@ class FeatureSource:
         train_index: torch.Tensor,
         device: torch.device,
         seed: int,
+        tta: list | None = None,
     ) -> None:
         self.net = head
         self.eval_batch_size = 4096
         self.device = device
         self.clean = _on_device(clean, device)
+        self.tta = [_on_device(v, device) for v in tta or []]
+        self.eval_views = 1 + len(self.tta)
         self.views = [_on_device(v, device) for v in views] if views is not None else None
         size = int(max(clean_index.max(), train_index.max())) + 1
         self.clean_row = _row_map(clean_index, size)
@@ -103,8 +109,9 @@ class FeatureSource:
                 out[chosen.to(self.device)] = _rows(features, rows[chosen]).to(self.device)
         return out
 
-    def eval_inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        return _rows(self.clean, self.clean_row[idx]).to(self.device)
+    def eval_inputs(self, idx: torch.Tensor, view: int = 0) -> torch.Tensor:
+        features = self.clean if view == 0 else self.tta[view - 1]
+        return _rows(features, self.clean_row[idx]).to(self.device)
 
 
 def _rows(array, index: torch.Tensor) -> torch.Tensor:
@@ -132,15 +139,21 @@ def build_optimizer(
 
 
 @torch.inference_mode()
-def predict_logits(net: nn.Module, source, indices: torch.Tensor) -> np.ndarray:
-    """Logits of ``indices`` (float64), computed in float32 whatever the training precision:
-    the numbers a run reports must be the ones ``evaluate`` and ``predict`` reproduce."""
+def predict_logits(net: nn.Module, source, indices: torch.Tensor, view: int = 0) -> np.ndarray:
+    """Logits of ``indices`` (float64) in test-time view ``view``, computed in float32 whatever
+    the training precision: the numbers a run reports must be the ones ``evaluate`` and
+    ``predict`` reproduce."""
     net.eval()
     out = [
-        net(source.eval_inputs(chunk)).double().cpu()
+        net(source.eval_inputs(chunk, view)).double().cpu()
         for chunk in indices.split(source.eval_batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def view_logits(net: nn.Module, source, indices: torch.Tensor) -> np.ndarray:
+    """Logits of every evaluation view of the source: (V, N, ...), V = 1 without ``--tta``."""
+    return np.stack([predict_logits(net, source, indices, v) for v in range(source.eval_views)])
 
 
 @torch.no_grad()
@@ -313,14 +326,14 @@ def _batches(perm: torch.Tensor, batch_size: int, net: nn.Module) -> list[torch.
 def _split_row(net: nn.Module, source, data, task: Task, split: str) -> dict:
     """Scalar metrics of one split at the default operating point, as history columns."""
     idx = data.splits[split]
-    logits = predict_logits(net, source, idx)
+    logits = view_logits(net, source, idx)  # (V, N, ...): V test-time views, 1 by default
     metrics = task_metrics(
         task.name,
         data.targets[idx].numpy(),
-        task.probabilities(logits),
+        task.mean_probabilities(logits),
         None,
         task.classes,
-        scores=task.scores(logits),
+        scores=task.mean_scores(logits),
     )
     return {
         f"{split}_{k}": v
