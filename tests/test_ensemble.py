@@ -89,3 +89,33 @@ def test_ensemble_refuses_runs_that_do_not_match(members, small_kermany, tmp_pat
     assert "not a finished run" in capsys.readouterr().err
     assert main(["ensemble", str(members[0]), "--out", str(out)]) != 0
     assert "at least two runs" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_fold_runs_ensemble_without_shared_validation_and_refusals(small_kermany, tmp_path, capsys):
+    """Folds hold out disjoint validation sets: the 0.5 rule needs none; a run named twice
+    and an --out that is a file are refused in one line."""
+    folds = []
+    for fold in (0, 1):
+        run = tmp_path / f"f{fold}"
+        args = ["train", "--data", str(small_kermany), "--out", str(run), "--folds", "3"]
+        assert main([*args, "--fold", str(fold), *COMMON]) == 0
+        folds.append(run)
+    out = tmp_path / "ens"
+    assert main(["ensemble", *map(str, folds), "--out", str(out), "--bootstrap", "0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val"] is None and metrics["threshold"] == 0.5
+    assert oct((out).stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    assert main(["ensemble", str(folds[0]), str(folds[0]), "--out", str(tmp_path / "x")]) == 2
+    assert "is given twice" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(["ensemble", *map(str, folds), "--out", str(tmp_path / "afile")]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

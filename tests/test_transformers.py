@@ -133,3 +133,60 @@ def test_a_study_compares_a_cnn_with_a_transformer(small_kermany, tmp_path):
     auc = comparisons[(comparisons.option == "arch") & (comparisons.metric == "roc_auc")]
     assert len(auc) == 1 and auc.p_value.notna().all() and auc["test"].iloc[0] == "DeLong"
     assert main(["report", str(out)]) == 0
+
+
+def test_weight_files_as_encoders_ship_them(weights, tmp_path):
+    """Found by an outside review: a Lightning-style ``model.`` prefix, torchxrayvision's
+    ``op_threshs`` buffer and its one-channel stem load; a broken position embedding and a
+    whole pickled model are one line each."""
+    import torchvision
+
+    net = torchvision.models.densenet121()
+    state = {f"model.{k}": v for k, v in net.state_dict().items()}
+    state["model.features.conv0.weight"] = net.features.conv0.weight[:, :1].clone()
+    state["model.op_threshs"] = torch.rand(18)
+    state["model.classifier.weight"] = torch.rand(18, 1024)
+    state["model.classifier.bias"] = torch.rand(18)
+    path = tmp_path / "xrv.pth"
+    torch.save({"state_dict": state}, path)
+    model = create_model(ModelSpec("densenet121", weights=str(path))).eval()
+    gray = torch.rand(2, 1, 64, 64)
+    stem = model.backbone.features.conv0
+    want = torch.nn.functional.conv2d(
+        model.prep(gray)[:, :1], state["model.features.conv0.weight"], stride=2, padding=3
+    )
+    torch.testing.assert_close(stem(model.prep(gray)), want, rtol=1e-5, atol=1e-5)
+
+    broken = torch.load(weights[DINO], weights_only=True)
+    broken["pos_embed"] = torch.rand(1, 40, 384)
+    torch.save(broken, tmp_path / "badpos.pth")
+    with pytest.raises(MedxferError, match=r"badpos\.pth: weights do not fit VisionTransformer"):
+        create_model(ModelSpec(DINO, weights=str(tmp_path / "badpos.pth"), image_size=56))
+    torch.save(torchvision.models.resnet18(), tmp_path / "whole.pth")
+    with pytest.raises(MedxferError, match=r"whole\.pth: cannot read weights") as info:
+        create_model(ModelSpec("resnet18", weights=str(tmp_path / "whole.pth")))
+    assert "\n" not in str(info.value)
+
+
+def test_pool_sizes_and_cam_are_checked_and_the_pool_keys_the_caches(weights, tmp_path):
+    from medxfer.engine import graph_key
+    from medxfer.inference.cam import target_layer
+
+    with pytest.raises(MedxferError, match=r"--image-size 50: .* 14 px patches; use a multiple"):
+        create_model(ModelSpec(DINO, weights=str(weights[DINO]), image_size=50))
+    own = create_model(ModelSpec(DINO, weights=str(weights[DINO]), image_size=56)).eval()
+    mean = create_model(ModelSpec(DINO, weights=str(weights[DINO]), image_size=56, pool="mean"))
+    x = torch.rand(2, 1, 56, 56)
+    with torch.inference_mode():
+        vit = own.backbone.network
+        want = vit.forward_head(vit.forward_features(own.prep(x)), pre_logits=True)
+        torch.testing.assert_close(own.features(x), want)  # the model's own pooling
+    shape = (1, 56, 56)
+    assert graph_key(own.backbone, shape) != graph_key(mean.eval().backbone, shape)
+    with pytest.raises(MedxferError, match="Grad-CAM: a transformer"):
+        target_layer(own)
+    staged = create_model(
+        ModelSpec(DINO, weights=str(weights[DINO]), image_size=56, features="stages")
+    )
+    names = [n for n, _ in backbone_stages(staged.backbone)]
+    assert "network.network.blocks.11" in names  # the similarity measures see the blocks

@@ -38,15 +38,20 @@ def ensemble(
     test split with intervals and compare with the best member; returns metrics.json."""
     if len(runs) < 2:
         raise MedxferError("ensemble: give at least two runs")
+    paths = [Path(r).resolve() for r in runs]
+    twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
+    if twice is not None:
+        raise MedxferError(f"ensemble: {twice} is given twice")
     folder = RunFolder(out)
-    if folder.path.exists() and any(folder.path.iterdir()):
-        raise MedxferError(f"{folder}: exists and is not empty (choose a new --out)")
+    if folder.path.exists() and (not folder.path.is_dir() or any(folder.path.iterdir())):
+        raise MedxferError(f"{folder}: exists and is not an empty folder (choose a new --out)")
     members = [_member(RunFolder(r)) for r in runs]
     first = members[0]
     task = make_task(first["task"], first["classes"])
     frames = {s: _mean_frame(members, s, task) for s in SPLITS if _has(members, s)}
     if "test" not in frames:
         raise MedxferError("ensemble: the runs have no test predictions")
+    shared = len(frames["val"]) if "val" in frames else 0
     thresholds = _thresholds(first, task, frames.get("val"))
     arrays = {s: _arrays(f, task) for s, f in frames.items()}
     cut = None if thresholds is None else thresholds[0] if task.name == "binary" else thresholds
@@ -70,9 +75,8 @@ def ensemble(
         "threshold": thresholds[0] if thresholds and task.name == "binary" else None,
         "threshold_rule": first["rule"],
         "test": test,
-        "val": task_metrics(task.name, *arrays["val"], cut, task.classes)
-        if "val" in arrays
-        else None,
+        "val": task_metrics(task.name, *arrays["val"], cut, task.classes) if shared else None,
+        "val_images_shared": shared,  # held out by every member (folds share none)
     }
     predictions = pd.concat([_decided(frames[s], task, thresholds) for s in frames])
     _write(folder, best["folder"], metrics, predictions, (resamples, seed))
@@ -83,7 +87,12 @@ def _write(folder: RunFolder, best: RunFolder, metrics: dict, predictions, paire
     """Every file in a staging folder beside ``folder``, then one rename: an interrupted
     ensemble leaves nothing that looks finished."""
     folder.path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.path.parent.glob(f".{folder.path.name}.*"):  # a killed ensemble's
+        shutil.rmtree(stale, ignore_errors=True)
     staging = RunFolder(tempfile.mkdtemp(dir=folder.path.parent, prefix=f".{folder.path.name}."))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.path.chmod(0o777 & ~umask)  # a run folder's permissions, not mkdtemp's 0700
     try:
         staging.write_predictions(predictions)
         staging.write_metrics(metrics)

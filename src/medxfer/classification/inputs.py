@@ -170,6 +170,8 @@ def feature_key(ctx: Context) -> dict:
         key["graph"] = GRAPH_VERSION
     if cfg.features != "last":  # absent for the last stage: earlier caches stay valid
         key["features"] = cfg.features
+    if cfg.pool is not None:  # transformers: which tokens make the feature
+        key["pool"] = cfg.pool
     if cfg.bn == "adapt":
         key["adapted_on"] = ctx.data.index_key(ctx.data.splits["train"])
     return key

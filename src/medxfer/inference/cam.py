@@ -13,7 +13,7 @@ from torch import nn
 from medxfer.atomic import write_with
 from medxfer.errors import MedxferError
 from medxfer.models.classifier import XrayClassifier
-from medxfer.models.stages import backbone_stages, stage_output
+from medxfer.models.stages import TokenPooling, backbone_stages, stage_output
 
 if TYPE_CHECKING:  # inference takes a trained model; it never loads one
     from medxfer.classification.trained import TrainedModel
@@ -38,6 +38,10 @@ class _Logits(nn.Module):
 
 def target_layer(model: XrayClassifier, channels: int = 1, size: int = 64) -> tuple[str, nn.Module]:
     """The last backbone stage whose output is still a spatial map (B, C, H, W)."""
+    if any(isinstance(m, TokenPooling) for m in model.backbone.modules()):
+        raise MedxferError(
+            "Grad-CAM: a transformer's stages give tokens, not spatial maps; use --cam with a CNN"
+        )
     stages = backbone_stages(model.backbone)
     ndims: dict[str, int] = {}
     hooks = [

@@ -73,6 +73,12 @@ def export_model(
             },
             "output": {"name": "probability", "shape": output_shape, "meaning": meaning},
             **model.describe(),
+            "test_time_views": {
+                "run": model.config.tta,
+                "graph": 1,
+                "note": "the run's probabilities and thresholds average its test-time views; "
+                "this graph scores one view (the image itself)",
+            },
             "notice": card["notice"],
             "model_card": card,
         },

@@ -112,9 +112,12 @@ def _timm_backbone(spec: ModelSpec, load_weights: bool) -> tuple[nn.Module, int,
     try:
         model = timm.create_model(name, pretrained=from_hub, num_classes=0, **size)
     except Exception as exc:  # hub errors come in many types
+        cfg = timm.get_pretrained_cfg(name)
+        where = f" (hub repository {cfg.hf_hub_id})" if cfg and cfg.hf_hub_id else ""
         raise MedxferError(
-            f"ImageNet weights for timm/{name} could not be loaded ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}); pass a local file with --weights PATH"
+            f"pretrained weights for timm/{name}{where} could not be loaded "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); put them in the hub "
+            "cache or pass a local file with --weights PATH"
         ) from None
     cfg = model.pretrained_cfg
     if spec.weights and spec.pretrained and load_weights:
@@ -124,8 +127,22 @@ def _timm_backbone(spec: ModelSpec, load_weights: bool) -> tuple[nn.Module, int,
         tuple(cfg.get("std", (0.229, 0.224, 0.225))),
     )
     if is_token_model(spec.arch):
-        model = TokenPooling(model, spec.pool or "cls")
+        _check_tokens(model, spec)
+        model = TokenPooling(model, spec.pool)
     return model, model.num_features, mean_std
+
+
+def _check_tokens(model: nn.Module, spec: ModelSpec) -> None:
+    """The image must tile into whole patches, and ``cls`` needs a class token."""
+    patch = model.patch_embed.patch_size
+    size = spec.image_size or model.patch_embed.img_size[0]
+    if size % patch[0] or size % patch[1]:
+        raise MedxferError(
+            f"--image-size {size}: {spec.arch} cuts images into {patch[0]} px patches; use a "
+            f"multiple of {patch[0]} (e.g. {patch[0] * max(1, round(size / patch[0]))})"
+        )
+    if spec.pool in ("cls", "both") and not model.num_prefix_tokens:
+        raise MedxferError(f"--pool {spec.pool}: {spec.arch} has no class token; use mean")
 
 
 def _last_linear(model: nn.Module) -> tuple[str | None, nn.Linear | None]:

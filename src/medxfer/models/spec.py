@@ -65,6 +65,12 @@ class ModelSpec:
         if self.outputs < 1:
             raise MedxferError("a model needs at least one output")
         check_arch(self.arch)
+        fixed = self.arch.startswith("vit_") and self.image_size not in (None, 224)
+        if fixed:  # torchvision's ViTs are built for 224 px and take nothing else
+            raise MedxferError(
+                f"--image-size {self.image_size}: torchvision's {self.arch} takes 224 px only; "
+                "use --image-size 224, or a timm ViT (timm/vit_base_patch16_224) at any size"
+            )
         if self.pool is not None and not is_token_model(self.arch):
             raise MedxferError(
                 f"--pool {self.pool}: {self.arch} is not a transformer with tokens to pool "

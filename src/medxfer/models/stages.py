@@ -33,7 +33,7 @@ def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     prefix, body = "", backbone
     while True:
         units = [(n, m) for n, m in body.named_children() if n not in SKIPPED and _has_params(m)]
-        if len(units) == 1 and len(list(units[0][1].children())) > 1:
+        if len(units) == 1 and any(True for _ in units[0][1].children()):
             prefix, body = f"{prefix}{units[0][0]}.", units[0][1]
             continue
         break
@@ -76,6 +76,9 @@ class StagePooling(nn.Module):
         self._taps: dict[str, torch.Tensor] = {}
         self.num_features = self._width(probe_size)
 
+    def extra_repr(self) -> str:
+        return ", ".join(self.names)
+
     def _keep(self, name: str, _module, _inputs, output) -> None:
         self._taps[name] = output
 
@@ -101,18 +104,25 @@ def pool_output(output: torch.Tensor) -> torch.Tensor:
 
 
 class TokenPooling(nn.Module):
-    """A timm transformer's tokens (after its final norm) pooled into one feature vector:
-    ``cls`` (the class token), ``mean`` (the mean of the patch tokens) or ``both``
-    (concatenated, the DINOv2 linear probe's input)."""
+    """A timm transformer's tokens (after its final norm) pooled into one feature vector: by
+    the model's own head pooling (``None``: the class token for ViT and DINOv2, fc_norm and
+    the average for BEiT or models without a class token), ``cls`` (the class token),
+    ``mean`` (the mean of the patch tokens) or ``both`` (cls and mean concatenated, the DINOv2
+    linear probe's input)."""
 
-    def __init__(self, network: nn.Module, pool: str) -> None:
+    def __init__(self, network: nn.Module, pool: str | None) -> None:
         super().__init__()
         self.network, self.pool = network, pool
         width = network.num_features
         self.num_features = 2 * width if pool == "both" else width
 
+    def extra_repr(self) -> str:  # part of the exported graph's identity (engine.graph_key)
+        return f"pool={self.pool or 'own'}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.network.forward_features(x)
+        if self.pool is None:  # the model's own pooling (class token, or fc_norm + average)
+            return self.network.forward_head(tokens, pre_logits=True)
         cls = tokens[:, 0]
         mean = tokens[:, self.network.num_prefix_tokens :].mean(dim=1)
         if self.pool == "cls":

@@ -86,21 +86,28 @@ def load_weights_file(model: torch.nn.Module, path: str, head: str | None) -> No
     """Load a local state dict (``--weights FILE``: a torchvision-, timm- or plain PyTorch
     file, e.g. an X-ray-pretrained encoder) into ``model``, refusing a file whose keys do not
     fit: every key of the network must be there with its shape. Keys of the classifier
-    ``head`` (replaced by medxfer's own head) are dropped; a ``module.`` prefix (DataParallel)
-    and a timm model's own checkpoint filter (e.g. resizing ViT position embeddings) are
-    applied first."""
+    ``head`` (replaced by medxfer's own head) and known extra buffers are dropped; a prefix
+    every key shares (``module.``, ``model.``), a timm model's own checkpoint filter (e.g.
+    resizing ViT position embeddings) and a one-channel stem are handled first."""
     from medxfer.errors import MedxferError
 
-    state = _read_state(path)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = _without_wrappers(_read_state(path))
+    state = {k: v for k, v in state.items() if k not in EXTRA_KEYS}
     filter_fn = getattr(
         importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None
     )
     if filter_fn is not None and type(model).__module__.startswith("timm."):
-        state = filter_fn(state, model)
+        try:
+            state = filter_fn(state, model)
+        except Exception as exc:  # a malformed tensor (say, position embeddings) fails here
+            raise MedxferError(
+                f"{path}: weights do not fit {type(model).__name__} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160]})"
+            ) from None
     if head:
         state = {k: v for k, v in state.items() if k != head and not k.startswith(head + ".")}
     own = model.state_dict()
+    state = _gray_stems(state, own)
     missing = [k for k in own if k not in state and not _is_head(k, head)]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -121,6 +128,43 @@ def load_weights_file(model: torch.nn.Module, path: str, head: str | None) -> No
     model.load_state_dict({**{k: v for k, v in own.items() if _is_head(k, head)}, **state})
 
 
+# buffers some X-ray encoders store beside their weights (torchxrayvision's per-finding
+# operating thresholds): not part of any network medxfer builds
+EXTRA_KEYS = ("op_threshs",)
+WRAPPER_PREFIXES = ("module.", "model.", "encoder.", "backbone.")  # DataParallel, Lightning
+
+
+def _without_wrappers(state: dict) -> dict:
+    """Strip a prefix that every key shares (``module.`` of DataParallel, ``model.`` of a
+    Lightning module, ...), repeatedly."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k.removeprefix(prefix): v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _gray_stems(state: dict, own: dict) -> dict:
+    """A stem convolution trained on one gray channel (X-ray encoders) made to take medxfer's
+    replicated RGB input: the weights repeated over three channels and divided by three, which
+    gives the same output on R = G = B."""
+    out = dict(state)
+    for key, tensor in state.items():
+        mine = own.get(key)
+        if (
+            mine is not None
+            and tensor.ndim == 4
+            and tensor.shape[1] == 1
+            and mine.shape[1] == 3
+            and tensor.shape[:1] + tensor.shape[2:] == mine.shape[:1] + mine.shape[2:]
+        ):
+            out[key] = tensor.repeat(1, 3, 1, 1) / 3
+    return out
+
+
 def _is_head(key: str, head: str | None) -> bool:
     return bool(head) and (key == head or key.startswith(f"{head}."))
 
@@ -136,7 +180,11 @@ def _read_state(path: str) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickles, zip archives and safetensors fail in their own ways
-        raise MedxferError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise MedxferError(
+            f"{path}: cannot read weights ({type(exc).__name__}: {first}); a state dict of "
+            "tensors is needed (save model.state_dict())"
+        ) from None
     for wrapper in ("state_dict", "model"):  # Lightning- and trainer-style checkpoints
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
