@@ -55,8 +55,8 @@ class RunConfig(LayerOptions):
     )
     pool: str | None = option(
         None,
-        "transformers (timm ViTs, DINOv2): cls (the class token, the default), mean (of the "
-        "patch tokens) or both (concatenated)",
+        "transformers (timm ViTs, DINOv2): cls (the class token), mean (of the patch tokens) "
+        "or both (concatenated); default: the model's own pooling",
         choices=POOLS,
     )
     tta: int = option(
