@@ -299,6 +299,14 @@ def test_mimic_tables_give_splits_subjects_views_and_unknowns(tmp_path):
     assert len(pd.read_csv(out)) == 48 - 6  # the lateral of every fourth study
 
 
+def _edit_gz(path: Path, edit) -> None:
+    """Rewrite a gzipped table's lines through ``edit``."""
+    with gzip.open(path, "rt") as fh:
+        lines = fh.read().splitlines()
+    with gzip.open(path, "wt") as fh:
+        fh.write("\n".join(edit(lines)) + "\n")
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -315,41 +323,26 @@ def test_mimic_tables_give_splits_subjects_views_and_unknowns(tmp_path):
 )
 def test_mimic_bad_input_stops_before_writing(tmp_path, damage, message):
     root = mimic(tmp_path / "mimic")
-    table = root / "mimic-cxr-2.0.0-chexpert.csv.gz"
+    table, splits = root / "mimic-cxr-2.0.0-chexpert.csv.gz", root / "mimic-cxr-2.0.0-split.csv.gz"
     if damage == "study without labels":
-        with gzip.open(table, "rt") as fh:
-            lines = fh.read().splitlines()
-        with gzip.open(table, "wt") as fh:
-            fh.write("\n".join(lines[:1] + lines[2:]) + "\n")
+        _edit_gz(table, lambda lines: lines[:1] + lines[2:])
     elif damage == "bad split":
-        splits = root / "mimic-cxr-2.0.0-split.csv.gz"
-        with gzip.open(splits, "rt") as fh:
-            text = fh.read()
-        with gzip.open(splits, "wt") as fh:
-            fh.write(text.replace(",validate", ",holdout", 1))
+        _edit_gz(splits, lambda lines: [x.replace(",validate", ",holdout") for x in lines])
     elif damage == "missing image":
         next(root.rglob("d0003.jpg")).unlink()
     elif damage == "not gzip":
         table.write_bytes(b"not a gzip file")
     elif damage == "cut gzip":
-        splits = root / "mimic-cxr-2.0.0-split.csv.gz"
         splits.write_bytes(splits.read_bytes()[:60])
-    elif damage in ("second label row", "other subject"):
-        with gzip.open(table, "rt") as fh:
-            lines = fh.read().splitlines()
-        extra = lines[1] if damage == "second label row" else "9" + lines[1][1:]
-        rows = [lines[0], lines[1], extra] if damage == "second label row" else [lines[0], extra]
-        with gzip.open(table, "wt") as fh:
-            fh.write("\n".join(rows + lines[2:]) + "\n")
+    elif damage == "second label row":
+        _edit_gz(table, lambda lines: lines[:2] + lines[1:])
+    elif damage == "other subject":
+        _edit_gz(table, lambda lines: [lines[0], "9" + lines[1][1:], *lines[2:]])
     elif damage == "both tables":
-        with gzip.open(root / "mimic-cxr-2.0.0-split.csv.gz", "rt") as fh:
+        with gzip.open(splits, "rt") as fh:
             (root / "mimic-cxr-2.0.0-split.csv").write_text(fh.read())
     else:
-        metadata = root / "mimic-cxr-2.0.0-metadata.csv.gz"
-        with gzip.open(metadata, "rt") as fh:
-            lines = fh.read().splitlines()
-        with gzip.open(metadata, "wt") as fh:
-            fh.write("\n".join(lines[:1] + lines[2:]) + "\n")
+        _edit_gz(root / "mimic-cxr-2.0.0-metadata.csv.gz", lambda lines: lines[:1] + lines[2:])
     out = tmp_path / "m.csv"
     view = "frontal" if damage == "no view" else "all"
     with pytest.raises(MedxferError, match=message):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medxfer.classification.paired import paired_rows
+from medxfer.classification.paired import paired_rows, stored_targets
 from medxfer.errors import MedxferError
 from medxfer.evaluation.intervals import bootstrap_intervals
 from medxfer.evaluation.metrics import PRIMARY, scalar_metrics, task_metrics
@@ -182,16 +182,9 @@ def _probability_columns(task) -> list[str]:
 def _arrays(frame: pd.DataFrame, task) -> tuple[np.ndarray, np.ndarray]:
     """(targets, probabilities) of a frame, as the task's metrics take them."""
     prob = frame[_probability_columns(task)].to_numpy(np.float64)
-    labels = frame.label.astype(str)
-    if task.name == "binary":
-        return (labels == task.classes[1]).to_numpy(np.int64), prob[:, 0]
-    if task.name == "multiclass":
-        return labels.map({c: i for i, c in enumerate(task.classes)}).to_numpy(np.int64), prob
-    y = np.array([[c in s.split("|") for c in task.classes] for s in labels], dtype=np.float64)
-    if "unknown" in frame:
-        unknown = frame.unknown.fillna("").astype(str)
-        y[np.array([[c in s.split("|") for c in task.classes] for s in unknown])] = np.nan
-    return y, prob
+    classes = list(task.classes)
+    y = stored_targets(frame, task.name, classes, classes[-1])  # binary: [negative, positive]
+    return y, prob[:, 0] if task.name == "binary" else prob
 
 
 def _thresholds(first: dict, task, val: pd.DataFrame | None) -> list[float] | None:

@@ -83,28 +83,41 @@ def _align(a: RunFolder, b: RunFolder) -> tuple[tuple[Side, Side], np.ndarray | 
     return sides, known_patients(pa)
 
 
+def stored_targets(
+    predictions: pd.DataFrame, task: str, classes: list[str], positive: str
+) -> np.ndarray:
+    """The targets of predictions.csv rows as the task's metrics take them: 0/1 (binary),
+    class indices (multiclass), a 0/1 matrix with NaN for the entries the run masked out
+    (multilabel: its ``unknown`` column)."""
+    labels = predictions.label.fillna("").astype(str)
+    if task == "binary":
+        return (labels == positive).to_numpy(np.int64)
+    if task == "multiclass":
+        return labels.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
+    y = np.array([[c in set(s.split("|")) for c in classes] for s in labels], dtype=np.float64)
+    if "unknown" in predictions:
+        unknown = predictions["unknown"].fillna("").astype(str)
+        y[np.array([[c in set(s.split("|")) for c in classes] for s in unknown])] = np.nan
+    return y
+
+
 def _side(predictions: pd.DataFrame, metrics: dict) -> Side:
     task, classes = metrics.get("task", "binary"), list(metrics.get("classes") or [])
-    labels = predictions.label.fillna("").astype(str)
     thresholds = metrics.get("thresholds")
+    positive = str(metrics.get("positive") or (classes[1] if len(classes) > 1 else ""))
+    y = stored_targets(predictions, task, classes, positive)
     if task == "binary":
-        positive = str(metrics.get("positive") or classes[1])
         cut = float(thresholds[0] if thresholds else metrics.get("threshold") or 0.5)
         prob = predictions.probability.to_numpy()
         score = predictions["score"].to_numpy() if "score" in predictions else prob
-        return Side((labels == positive).to_numpy(np.int64), prob, cut, classes, score)
+        return Side(y, prob, cut, classes, score)
     prob = predictions[[f"probability_{c}" for c in classes]].to_numpy(np.float64)
     score_columns = [f"score_{c}" for c in classes]
     score = (
         predictions[score_columns].to_numpy(np.float64) if score_columns[0] in predictions else prob
     )
     if task == "multiclass":
-        y = labels.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
         return Side(y, prob, None, classes, score)
-    y = np.array([[c in set(s.split("|")) for c in classes] for s in labels], dtype=np.float64)
-    if "unknown" in predictions:  # entries the run masked out stay out of its metrics
-        unknown = predictions["unknown"].fillna("").astype(str)
-        y[np.array([[c in set(s.split("|")) for c in classes] for s in unknown])] = np.nan
     cut = np.asarray(thresholds if thresholds else [0.5] * len(classes), dtype=np.float64)
     return Side(y, prob, cut, classes, score)
 

@@ -32,6 +32,7 @@ from medxfer.device import Runtime, single_thread
 from medxfer.engine import own_engine
 from medxfer.errors import MedxferError
 from medxfer.evaluation.metrics import task_metrics
+from medxfer.evaluation.thresholds import is_fixed
 from medxfer.figures import reliability_diagram
 from medxfer.models.classifier import XrayClassifier
 from medxfer.models.factory import create_model, weights_digest
@@ -170,7 +171,7 @@ def check_validation_choices(ctx: Context) -> None:
     folder is touched (binary validation sets are checked when they are carved)."""
     cfg, data = ctx.cfg, ctx.data
     rows = data.splits.get("val")
-    needs_rule = ctx.task.uses_thresholds and not _is_number(cfg.threshold_rule)
+    needs_rule = ctx.task.uses_thresholds and not is_fixed(cfg.threshold_rule)
     if rows is None or data.task != "multilabel" or not needs_rule:
         return
     y = data.targets[rows]
@@ -181,14 +182,6 @@ def check_validation_choices(ctx: Context) -> None:
                 f"{cfg.data}: --threshold {cfg.threshold_rule}: label {name} has "
                 f"{len(known)} known validation entries, not both values"
             )
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def build_network(ctx: Context) -> XrayClassifier:

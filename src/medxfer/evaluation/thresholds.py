@@ -20,10 +20,8 @@ def choose_threshold(rule: str, y, prob) -> float:
     specificity - 1; on ties the highest) or ``sens=0.95`` (the highest threshold whose
     sensitivity reaches 0.95), from validation labels ``y`` (NaN: unknown, left out) and
     probabilities ``prob``."""
-    try:
+    if is_fixed(rule):
         return float(rule)
-    except ValueError:
-        pass
     check_threshold_rule(rule)
     if y is not None and prob is not None:  # unknown entries (NaN) choose nothing
         known = ~np.isnan(np.asarray(y, dtype=np.float64))
@@ -57,6 +55,15 @@ def choose_thresholds(rule: str, y, prob, labels: Sequence[str]) -> np.ndarray:
         except MedxferError as error:
             raise MedxferError(f"label {name}: {error}") from None
     return out
+
+
+def is_fixed(rule: str) -> bool:
+    """A rule that is a number: it needs no validation data."""
+    try:
+        float(rule)
+    except ValueError:
+        return False
+    return True
 
 
 def check_threshold_rule(rule: str) -> None:

@@ -12,6 +12,7 @@ export and ONNX see an ordinary model.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -73,7 +74,7 @@ class LogisticProbe(ClassifierEpochs):
 
     def train_one_epoch(self, epoch: int) -> dict:
         c = float(strengths(self.schedule.epochs)[epoch - 1])
-        x, y = self._train_rows()
+        x, y = self.train_rows
         weight, bias = fit_logistic(x.numpy(), y.numpy(), self.task, c)
         linear = self.source.net.linear
         with torch.no_grad():
@@ -90,16 +91,13 @@ class LogisticProbe(ClassifierEpochs):
                 "C": c,
             }
 
-    def _train_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+    @functools.cached_property
+    def train_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (every view stacked) and their targets, read once."""
-        if not hasattr(self, "_rows_cache"):
-            source, targets = self.source, self.data.targets[self.train_idx]
-            if source.views is None:
-                x = _rows(source.clean, source.clean_row[self.train_idx]).cpu()
-                self._rows_cache = (x.float(), targets)
-            else:
-                rows = source.view_row[self.train_idx]
-                x = torch.cat([_rows(v, rows).cpu().float() for v in source.views])
-                tiles = (len(source.views),) + (1,) * (targets.ndim - 1)
-                self._rows_cache = (x, targets.repeat(*tiles))
-        return self._rows_cache
+        source, targets = self.source, self.data.targets[self.train_idx]
+        if source.views is None:
+            return _rows(source.clean, source.clean_row[self.train_idx]).cpu().float(), targets
+        rows = source.view_row[self.train_idx]
+        x = torch.cat([_rows(v, rows).cpu().float() for v in source.views])
+        tiles = (len(source.views),) + (1,) * (targets.ndim - 1)
+        return x, targets.repeat(*tiles)
