@@ -70,13 +70,7 @@ def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: EpochSt
             if "val" in prob
             else None
         ),
-        "split_sizes": {k: len(v) for k, v in data.splits.items()},
-        "class_counts": _class_counts(data, task),
-        "unknown_counts": unknown_counts(data),
-        "labelling": data.imageset.labelling,
-        "skipped_inputs": [{"file": f, "reason": r} for f, r in data.skipped],
-        "device": str(ctx.runtime.device),
-        "evaluation_precision": "float32",
+        **_data_facts(ctx),
     }
     predictions = pd.concat(
         [
@@ -86,6 +80,20 @@ def assess(ctx: Context, network: XrayClassifier, inputs: Inputs, state: EpochSt
         ignore_index=True,
     )
     return Assessment(model, metrics, predictions, curves)
+
+
+def _data_facts(ctx: Context) -> dict:
+    """What metrics.json says of the data a run saw and where it was scored."""
+    data = ctx.data
+    return {
+        "split_sizes": {k: len(v) for k, v in data.splits.items()},
+        "class_counts": _class_counts(data, ctx.task),
+        "unknown_counts": unknown_counts(data),
+        "labelling": data.imageset.labelling,
+        "skipped_inputs": [{"file": f, "reason": r} for f, r in data.skipped],
+        "device": str(ctx.runtime.device),
+        "evaluation_precision": "float32",
+    }
 
 
 def _chosen_strength(cfg: RunConfig, state: EpochState) -> float | None:

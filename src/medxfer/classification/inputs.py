@@ -94,24 +94,25 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation, second
         clean_idx = torch.cat([train_idx, clean_idx])
     dim = network.num_features
 
-    def clean_rows(rows: range, _chunk: int, tta: int = 0) -> torch.Tensor:
-        return extract_features(
+    def filler(index: torch.Tensor, view_of):
+        """What fills a cache entry: the features of ``index``'s rows in chunk c's view."""
+        return lambda rows, chunk: extract_features(
             network,
             data.pixels,
-            clean_idx[rows.start : rows.stop],
+            index[rows.start : rows.stop],
             runtime,
-            View(tta=tta),
+            view_of(chunk),
             engine=engine,
             seconds=seconds,
         )
 
     clean_key = {**base, "view": "clean", "dtype": "float32", "rows": data.index_key(clean_idx)}
-    clean = cache.get(clean_key, (len(clean_idx), dim), clean_rows)
+    clean = cache.get(clean_key, (len(clean_idx), dim), filler(clean_idx, lambda _c: View()))
     tta = [  # --tta: the fixed test-time views after the identity
         cache.get(
             {**clean_key, "tta": TTA_VIEWS[k]},
             (len(clean_idx), dim),
-            lambda rows, chunk, k=k: clean_rows(rows, chunk, k),
+            filler(clean_idx, lambda _c, k=k: View(tta=k)),
         )
         for k in range(1, cfg.tta)
     ]
@@ -127,20 +128,10 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation, second
             "dtype": str(runtime.amp or "float32"),
             "rows": data.index_key(train_idx),
         }
-
-        def view_rows(rows: range, chunk: int, v=v) -> torch.Tensor:
-            view = View(augmentation, chunk_seed(cfg.seed * 1000 + v, chunk))
-            return extract_features(
-                network,
-                data.pixels,
-                train_idx[rows.start : rows.stop],
-                runtime,
-                view,
-                engine=engine,
-                seconds=seconds,
-            )
-
-        views.append(cache.get(key, (len(train_idx), dim), view_rows))
+        seeded = filler(
+            train_idx, lambda c, v=v: View(augmentation, chunk_seed(cfg.seed * 1000 + v, c))
+        )
+        views.append(cache.get(key, (len(train_idx), dim), seeded))
     return clean, clean_idx, views, tta
 
 
