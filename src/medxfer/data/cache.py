@@ -98,6 +98,9 @@ def _fill(store: ChunkedArray, imageset: ImageSet, progress: bool, **how) -> Non
     decodes), holding one chunk in memory at a time; a chunk that another process finished
     meanwhile is skipped."""
     todo = store.missing()
+    # one buffer for every chunk: a fresh 64 MB array per chunk, among the decoder's freed
+    # buffers, let the heap grow with the collection
+    buffer = np.empty((store.chunk_rows, *store.shape[1:]), dtype=np.uint8) if todo else None
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         chunks = (c for c in todo if not store.done_elsewhere(c))
         for chunk in track(
@@ -108,7 +111,8 @@ def _fill(store: ChunkedArray, imageset: ImageSet, progress: bool, **how) -> Non
             enabled=progress,
         ):
             rows = store.rows_of(chunk)
-            pixels = np.zeros((len(rows), *store.shape[1:]), dtype=np.uint8)
+            pixels = buffer[: len(rows)]
+            pixels.fill(0)  # an image that fails to decode stays black
 
             def work(i: int, rows=rows, pixels=pixels) -> tuple[str, str] | None:
                 return _decode_into(pixels, i, imageset, imageset.records[rows[i]], **how)
