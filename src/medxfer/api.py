@@ -33,11 +33,10 @@ def train(
     with underscores (``arch``, ``mode``, ``epochs``, ``image_size``, ``track``, ...);
     ``task="segmentation"`` or ``"detection"`` takes ``medxfer segment|detect train``'s.
     ``handlers`` (``medxfer.tracking.Handler``) hear of the start, each epoch and the end."""
-    from medxfer.families import build_options, family, family_of
-    from medxfer.training.trainer import Trainer
+    from medxfer.families import build_options, family, family_of, run_training
 
     values = {**options, "data": str(data), "out": str(out)}
-    trainer = Trainer(
+    return run_training(
         family(family_of(values)),
         build_options(values),
         log=(lambda _msg: None) if quiet else print,
@@ -45,7 +44,6 @@ def train(
         overwrite=overwrite,
         handlers=handlers,
     )
-    return trainer.run()
 
 
 def load(run: str | Path, family: str | None = None) -> Any:

@@ -136,20 +136,36 @@ class ChunkedArray:
 
     def write(self, chunk: int, array: np.ndarray, meta: dict | None = None) -> None:
         """Store one chunk's rows, then its marker (the order that makes a kill safe)."""
-        array = np.ascontiguousarray(array, dtype=self.dtype)
         rows = self.rows_of(chunk)
-        if array.shape != (len(rows), *self.shape[1:]):
-            raise ValueError(f"chunk {chunk}: shape {array.shape}, expected {len(rows)} rows")
+        if np.shape(array)[0] != len(rows):
+            raise ValueError(f"chunk {chunk}: shape {np.shape(array)}, expected {len(rows)} rows")
+        self.write_rows(rows.start, array)
+        self.seal(chunk, meta)
+
+    def write_rows(self, start: int, array: np.ndarray) -> None:
+        """Store rows from ``start`` on, without marking any chunk finished: what each worker
+        of a data-parallel run writes of a chunk before one of them seals it."""
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        if array.shape[1:] != self.shape[1:] or start + len(array) > self.shape[0]:
+            raise ValueError(
+                f"rows {start}+{len(array)} of shape {array.shape}: outside {self.shape}"
+            )
         view = memoryview(array).cast("B")
         fd = os.open(self.data, os.O_WRONLY)
         try:
-            written, offset = 0, rows.start * self.row_bytes
+            written, offset = 0, start * self.row_bytes
             while written < len(view):
                 written += os.pwrite(fd, view[written:], offset + written)
         finally:
             os.close(fd)
+
+    def seal(self, chunk: int, meta: dict | None = None) -> None:
+        """Mark a chunk whose rows are all written finished: its marker, with the CRC of the
+        bytes now on disk."""
+        rows = self.rows_of(chunk)
+        data = memoryview(self.read(np.arange(rows.start, rows.stop))).cast("B")
         meta = json.loads(json.dumps(meta or {}))
-        write_json(self._marker(chunk), {"crc32": _crc(meta, view), "meta": meta})
+        write_json(self._marker(chunk), {"crc32": _crc(meta, data), "meta": meta})
         self._meta[chunk] = meta
 
     def meta(self, chunk: int) -> dict:

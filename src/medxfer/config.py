@@ -122,6 +122,17 @@ class RunConfig(LayerOptions):
     max_pixels: int = option(
         MAX_PIXELS, "refuse images with more pixels than this (decompression bombs)", min=1
     )
+    workers: int = option(
+        0,
+        "data-parallel workers on Ray Train (0: this process alone): a frozen backbone's "
+        "feature extraction is shared out, a trained one runs DistributedDataParallel",
+        min=0,
+    )
+    address: str | None = option(
+        None,
+        "the Ray cluster --workers runs on: auto (the one started on this machine) or "
+        "HOST:PORT (default: a local one for this run)",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, int | float) and not isinstance(self.threshold, bool):
@@ -213,6 +224,7 @@ class RunConfig(LayerOptions):
                 "--head logreg fits the cached features of a frozen backbone: it needs --mode "
                 "transfer with --bn frozen or adapt and the feature cache on",
             ),
+            (self.address is None or self.workers > 0, "--address goes with --workers N"),
             (
                 self.val_fraction is None or 0 <= self.val_fraction < 0.5,
                 f"--val-fraction {self.val_fraction}: must be in [0, 0.5)",

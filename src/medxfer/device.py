@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from medxfer.errors import MedxferError
+from medxfer.shard import ONE, Shard
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -82,6 +83,7 @@ class Runtime:
     batch_size: int = 8  # inference batch size
     progress: bool = True
     engine: str = "torch"  # frozen forward passes: torch or onnxruntime (see medxfer.engine)
+    shard: Shard = ONE  # this process's part of a data-parallel run (medxfer.shard)
 
     @classmethod
     def create(

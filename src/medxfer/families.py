@@ -12,7 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medxfer.storage.folder import RunFolder
+    from medxfer.training.trainer import Family
 
 FAMILIES = ("classification", "segmentation", "detection")
 
@@ -92,11 +96,24 @@ def train_run(
 ) -> Path:
     """Train (resume, or find finished) the run of ``options``; return its folder.
     ``overwrite`` replaces the folder's run once the new one's options and data are good."""
-    from medxfer.training.trainer import Trainer
 
     built = build_options(options)
-    trainer = Trainer(family(family_of(options)), built, log=log, overwrite=overwrite)
-    return trainer.run().path
+    return run_training(family(family_of(options)), built, log=log, overwrite=overwrite).path
+
+
+def run_training(family_: Family, options: Any, **how: Any) -> RunFolder:
+    """Train ``options``' run in this process (``Trainer``), or on Ray Train workers when
+    they ask for ``workers``; ``how``: the Trainer's log, progress, overwrite, handlers."""
+    from medxfer.errors import MedxferError
+    from medxfer.training.trainer import Trainer
+
+    if getattr(options, "workers", 0):
+        from medxfer.classification.workers import train_on_workers
+
+        if how.pop("handlers", ()):
+            raise MedxferError("--workers: handlers run in the workers' processes; use --track")
+        return train_on_workers(options, **how)
+    return Trainer(family_, options, **how).run()
 
 
 def check_same_run(options: dict[str, Any]) -> None:

@@ -69,6 +69,35 @@ class Task:
             return per.mean()
         return (per * known).sum() / known.sum().clamp(min=1)
 
+    def loss_sum(
+        self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """:meth:`loss` times :meth:`loss_normalizer`: what the workers of a data-parallel
+        run add up, each over its rows, before dividing by the whole batch's normaliser."""
+        logits = logits.float()
+        if self.name == "multiclass":
+            return F.cross_entropy(logits, targets, weight=weights, reduction="sum")
+        if self.name == "binary":
+            per = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none")
+            return per.sum() if weights is None else (per * weights[targets]).sum()
+        known = ~targets.isnan()
+        target = targets.nan_to_num()
+        per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        if weights is not None:
+            per = per * torch.where(target > 0.5, weights[1], weights[0])
+        return (per * known).sum()
+
+    def loss_normalizer(
+        self, targets: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What :meth:`loss` divides the batch's summed loss by: the row count, the summed
+        class weights (multi-class, as torch's weighted mean) or the known entries."""
+        if self.name == "multiclass" and weights is not None:
+            return weights[targets].sum()
+        if self.name == "multilabel":
+            return (~targets.isnan()).sum().clamp(min=1).float()
+        return torch.tensor(float(len(targets)), device=targets.device)
+
     def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Number of correct decisions at the default operating point (for training accuracy);
         multilabel counts the known label entries."""

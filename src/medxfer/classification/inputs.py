@@ -83,7 +83,7 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation, second
     """Clean features of val/test (and train when not augmenting), and K augmented views of
     train, from the feature cache."""
     cfg, data, runtime = ctx.cfg, ctx.data, ctx.runtime
-    cache = FeatureCache(ctx.cache_dir)
+    cache = FeatureCache(ctx.cache_dir, runtime.shard, runtime.batch_size)
     base = feature_key(ctx)
     engine = make_engine(runtime.engine, network, ctx.cache_dir)
     train_idx = data.splits["train"]
@@ -104,6 +104,7 @@ def _cached_features(ctx: Context, network: XrayClassifier, augmentation, second
             view_of(chunk),
             engine=engine,
             seconds=seconds,
+            shard=runtime.shard,
         )
 
     clean_key = {**base, "view": "clean", "dtype": "float32", "rows": data.index_key(clean_idx)}

@@ -40,6 +40,7 @@ from medxfer.storage.folder import RunFolder
 from medxfer.tasks import make_task
 from medxfer.tracking import Handler
 from medxfer.training.loop import ClassifierEpochs, Schedule, build_optimizer, epoch_line
+from medxfer.training.parallel import data_parallel
 from medxfer.training.probe import LogisticProbe
 from medxfer.training.trainer import EpochState, Family, Trainer
 
@@ -97,13 +98,21 @@ class ClassificationJob:
         schedule = Schedule(
             self.optimizer, cfg.epochs, cfg.batch_size, cfg.select, cfg.seed, self.ctx.runtime.amp
         )
+        runtime = self.ctx.runtime
+        if runtime.shard.distributed:  # a worker of a data-parallel run of the whole network
+            self.epochs = ClassifierEpochs(
+                self.inputs.source,
+                self.ctx.data,
+                self.ctx.task,
+                schedule,
+                progress=runtime.progress and runtime.shard.primary,
+                shard=runtime.shard,
+                train_net=data_parallel(self.network, runtime.device, runtime.shard),
+            )
+            return
         epochs = LogisticProbe if cfg.head == "logreg" else ClassifierEpochs
         self.epochs = epochs(
-            self.inputs.source,
-            self.ctx.data,
-            self.ctx.task,
-            schedule,
-            progress=self.ctx.runtime.progress,
+            self.inputs.source, self.ctx.data, self.ctx.task, schedule, progress=runtime.progress
         )
 
     def _threads(self):

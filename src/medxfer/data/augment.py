@@ -43,7 +43,14 @@ def augment_batch(
     images: torch.Tensor, aug: Augmentation, generator: torch.Generator
 ) -> torch.Tensor:
     """Augment a float batch (B, 1, H, W) in [0, 1]; random draws come from ``generator`` (CPU)."""
-    b = images.shape[0]
+    return apply_augmentation(images, draw_augmentation(images.shape[0], aug, generator))
+
+
+def draw_augmentation(b: int, aug: Augmentation, generator: torch.Generator) -> dict:
+    """The random parameters of a batch of ``b`` images, apart from the pixels, so that a
+    worker of a data-parallel run can draw a whole batch's and apply its own rows' only
+    (``apply_augmentation(x, take_rows(params, rows))``): its images then get the same
+    augmentation as in a one-process run."""
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(b, generator=generator, dtype=torch.float64)
@@ -58,7 +65,6 @@ def augment_batch(
     flip = torch.where(torch.rand(b, generator=generator) < aug.hflip_p, -1.0, 1.0).double()
     brightness = uniform(1 - aug.brightness, 1 + aug.brightness)
     contrast = uniform(1 - aug.contrast, 1 + aug.contrast)
-
     cos, sin = torch.cos(angle), torch.sin(angle)
     sx, sy = half_w * flip, half_h
     theta = torch.stack(
@@ -67,13 +73,23 @@ def augment_batch(
             torch.stack([sin * sx, cos * sy, cy], dim=1),
         ],
         dim=1,
-    ).to(images.device, images.dtype)
+    )
+    return {"theta": theta, "brightness": brightness, "contrast": contrast}
+
+
+def take_rows(params: dict, rows: torch.Tensor | slice) -> dict:
+    """The parameters of some images of a drawn batch."""
+    return {name: value[rows] for name, value in params.items()}
+
+
+def apply_augmentation(images: torch.Tensor, params: dict) -> torch.Tensor:
+    b = images.shape[0]
+    theta = params["theta"].to(images.device, images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-    out = out * brightness.to(out.device, out.dtype).view(b, 1, 1, 1)
+    out = out * params["brightness"].to(out.device, out.dtype).view(b, 1, 1, 1)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    out = (out - mean) * contrast.to(out.device, out.dtype).view(b, 1, 1, 1) + mean
+    out = (out - mean) * params["contrast"].to(out.device, out.dtype).view(b, 1, 1, 1) + mean
     return out.clamp_(0.0, 1.0)
 
 

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from medxfer.cache import ChunkedArray, StoredRows
-from medxfer.data.augment import Augmentation, augment_batch, tta_view
+from medxfer.data.augment import Augmentation, augment_batch, draw_augmentation, tta_view
 from medxfer.device import Runtime, autocast, single_thread, to_input
 from medxfer.engine import Engine
 from medxfer.models.classifier import XrayClassifier
 from medxfer.progress import track
+from medxfer.shard import ONE, Shard
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,14 @@ def extract_features(
     *,
     engine: Engine | None = None,
     seconds: dict[str, float] | None = None,
+    shard: Shard = ONE,
 ) -> torch.Tensor:
     """Backbone features (len(indices), D) float32 on the CPU, through ``engine`` (default:
     torch on ``model``). Clean views are computed in float32 (they are what a run is evaluated
     on, and ``evaluate`` must reproduce them); augmented training views in the run's training
     precision. Augmentation runs in torch on each batch before the engine. ``seconds`` (if
-    given) accumulates the time spent in ``augment`` and ``forward``."""
+    given) accumulates the time spent in ``augment`` and ``forward``. A ``shard`` computes
+    its batches only (``Shard.batches``), concatenated, drawing every batch's augmentation."""
     model.eval()
     engine = engine or Engine(model)
     generator = torch.Generator().manual_seed(view.seed)
@@ -64,13 +67,20 @@ def extract_features(
     out: torch.Tensor | None = None
     done = 0
     seconds = {} if seconds is None else seconds
-    for chunk in track(
-        indices.split(runtime.batch_size),
-        "features" if view.clean else f"augmented features (view seed {view.seed})",
-        total=len(indices),
-        size=len,
-        enabled=runtime.progress,
+    mine = sum(len(r) for r in shard.batches(len(indices), runtime.batch_size))
+    for i, chunk in enumerate(
+        track(
+            indices.split(runtime.batch_size),
+            "features" if view.clean else f"augmented features (view seed {view.seed})",
+            total=len(indices),
+            size=len,
+            enabled=runtime.progress,
+        )
     ):
+        if not shard.takes(i):  # another worker's batch: its random draws only
+            if not view.clean:
+                draw_augmentation(len(chunk), view.augmentation, generator)
+            continue
         started = time.perf_counter()
         with single_thread(runtime.device):
             x = to_input(pixels[chunk], runtime.device)
@@ -81,7 +91,7 @@ def extract_features(
         with autocast(runtime.device, amp):
             features = engine.features(x)
         if out is None:
-            out = torch.empty((len(indices), *features.shape[1:]), dtype=features.dtype)
+            out = torch.empty((mine, *features.shape[1:]), dtype=features.dtype)
         out[done : done + len(features)] = features
         done += len(features)
         del features
@@ -151,8 +161,8 @@ class FeatureCache:
     a dict of everything that changes them. Each is extracted chunk by chunk (an interrupted
     extraction resumes) and read back by rows, so memory does not grow with the collection."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, shard: Shard = ONE, batch_size: int = 1) -> None:
+        self.root, self.shard, self.batch_size = root, shard, batch_size
 
     def get(
         self,
@@ -171,10 +181,29 @@ class FeatureCache:
             np.float32,
             chunk_rows=max(1, FEATURE_CHUNK_BYTES // (4 * max(shape[1], 1))),
         )
+        if self.shard.world > 1:
+            self._fill_sharded(store, extract)
+            return StoredRows(store)
         for chunk in store.missing():
             if not store.done_elsewhere(chunk):
                 store.write(chunk, extract(store.rows_of(chunk), chunk).numpy())
         return StoredRows(store)
+
+    def _fill_sharded(self, store: ChunkedArray, extract) -> None:
+        """Each worker extracts and writes its batches of every missing chunk (``extract``
+        computes the shard's rows only), then rank 0 seals the chunk."""
+        shard = self.shard
+        for chunk in shard.first_worker_value(store.missing() if shard.primary else None):
+            rows = store.rows_of(chunk)
+            features = extract(rows, chunk).numpy()
+            done = 0
+            for batch in shard.batches(len(rows), self.batch_size):
+                store.write_rows(rows.start + batch.start, features[done : done + len(batch)])
+                done += len(batch)
+            shard.sync()  # every worker's rows are on disk
+            if shard.primary:
+                store.seal(chunk)
+            shard.sync()
 
 
 def chunk_seed(seed: int, chunk: int) -> int:

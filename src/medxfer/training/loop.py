@@ -3,17 +3,25 @@ augmented images through the whole model, or cached backbone features through th
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from medxfer.data.augment import Augmentation, augment_batch, tta_view
+from medxfer.data.augment import (
+    Augmentation,
+    apply_augmentation,
+    draw_augmentation,
+    take_rows,
+    tta_view,
+)
 from medxfer.device import autocast, to_input
 from medxfer.evaluation.metrics import task_metrics
 from medxfer.models.classifier import HeadOnly
 from medxfer.progress import track
+from medxfer.shard import ONE, Shard
 from medxfer.tasks import Task
 
 AUX_LOSS_WEIGHT = 0.4  # Inception v3's auxiliary classifier, as in torchvision's references
@@ -43,9 +51,14 @@ class ImageSource:
         self.device, self.aug = device, aug
         self.generator = torch.Generator().manual_seed(seed + 1)
 
-    def train_inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        x = to_input(_rows(self.pixels, idx), self.device)
-        return augment_batch(x, self.aug, self.generator) if self.aug else x
+    def train_inputs(self, idx: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch ``idx`` augmented, or only its positions ``keep`` (a data-parallel
+        worker's part: the whole batch's augmentation is drawn, so its images get theirs)."""
+        x = to_input(_rows(self.pixels, idx if keep is None else idx[keep]), self.device)
+        if not self.aug:
+            return x
+        params = draw_augmentation(len(idx), self.aug, self.generator)
+        return apply_augmentation(x, params if keep is None else take_rows(params, keep))
 
     def eval_inputs(self, idx: torch.Tensor, view: int = 0) -> torch.Tensor:
         return tta_view(to_input(_rows(self.pixels, idx), self.device), view)
@@ -165,6 +178,7 @@ def reestimate_batchnorm(
     batch_size: int,
     device: torch.device,
     amp: torch.dtype | None,
+    shard: Shard = ONE,
 ) -> None:
     """Recompute the running statistics of every BatchNorm layer that trains, as a plain
     average over batches of (clean) training images: "precise BN" (Wu & Johnson 2021).
@@ -189,8 +203,8 @@ def reestimate_batchnorm(
     try:
         for chunk in indices[order[:PRECISE_BN_IMAGES]].split(batch_size):
             if len(chunk) > 1:  # a single image has no batch statistics
-                with autocast(device, amp):
-                    net(source.eval_inputs(chunk))
+                with autocast(device, amp):  # a worker's rows; statistics of the whole batch
+                    net(source.eval_inputs(chunk[shard.positions(len(chunk))]))
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
@@ -218,9 +232,22 @@ class ClassifierEpochs:
     re-estimated after every epoch ("precise BN"), before evaluation.
     """
 
-    def __init__(self, source, data, task: Task, schedule: Schedule, *, progress: bool = True):
+    def __init__(
+        self,
+        source,
+        data,
+        task: Task,
+        schedule: Schedule,
+        *,
+        progress: bool = True,
+        shard: Shard = ONE,
+        train_net: nn.Module | None = None,
+    ):
+        """``shard`` and ``train_net`` (``parallel.data_parallel`` of the source's network):
+        a data-parallel worker's part of every batch and the module it trains through."""
         self.source, self.data, self.task, self.schedule = source, data, task, schedule
-        self.progress = progress
+        self.progress, self.shard = progress, shard
+        self.train_net = train_net or source.net
         device = source.device
         self.train_idx = data.splits["train"]
         self.weights = task.class_weights(data.targets[self.train_idx]).to(device)
@@ -268,8 +295,9 @@ class ClassifierEpochs:
             batch_size=schedule.batch_size,
             device=device,
             amp=schedule.amp,
+            shard=self.shard,
         )
-        objective_sum, loss_sum, correct = sums.tolist()
+        objective_sum, loss_sum, correct = self.shard.sum(sums).tolist()
         seen = len(self.train_idx)
         return {
             "train_loss": loss_sum / seen,
@@ -280,9 +308,12 @@ class ClassifierEpochs:
     def _step(self, chunk: torch.Tensor) -> torch.Tensor:
         """One optimiser step; returns (objective, loss) x batch size and the correct count."""
         task, device, optimizer = self.task, self.source.device, self.schedule.optimizer
-        target = self.targets[chunk.to(device)]
+        batch = self.targets[chunk.to(device)]
+        if self.shard.distributed:
+            return self._worker_step(chunk, batch)
+        target = batch
         with autocast(device, self.schedule.amp):
-            out = self.source.net(self.source.train_inputs(chunk))
+            out = self.train_net(self.source.train_inputs(chunk))
         logits, aux = out if isinstance(out, tuple) else (out, None)
         objective = task.loss(logits, target, self.weights)
         if aux is not None:  # Inception v3 auxiliary head
@@ -301,6 +332,32 @@ class ClassifierEpochs:
                 ]
             ) * torch.tensor([len(chunk), len(chunk), 1.0], device=device, dtype=torch.float64)
 
+    def _worker_step(self, chunk: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """A data-parallel worker's part of one step: its rows' summed loss over the whole
+        batch's normaliser, times the worker count (DistributedDataParallel averages the
+        gradients), so the step equals one process's on the whole batch. Returns this
+        worker's share of the epoch sums."""
+        task, device, optimizer = self.task, self.source.device, self.schedule.optimizer
+        keep = self.shard.positions(len(chunk))
+        target = batch[keep.to(device)]
+        with autocast(device, self.schedule.amp), _own_random_draws(self.shard):
+            out = self.train_net(self.source.train_inputs(chunk, keep))
+        logits, aux = out if isinstance(out, tuple) else (out, None)
+        weighted = task.loss_sum(logits, target, self.weights)
+        if aux is not None:
+            weighted = weighted + AUX_LOSS_WEIGHT * task.loss_sum(aux, target, self.weights)
+        share = weighted / task.loss_normalizer(batch, self.weights)
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(share * self.shard.world).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        with torch.no_grad():
+            plain = task.loss_sum(logits.detach(), target) / task.loss_normalizer(batch)
+            correct = task.correct(logits.detach(), target) / task.decisions_per_row(batch)
+            return torch.stack(
+                [share.detach().double() * len(chunk), plain.double() * len(chunk), correct]
+            ).to(device, torch.float64)
+
     def evaluate(self, epoch: int) -> dict:
         """Val/test metrics at the default operating point, and the selection score."""
         row: dict = {}
@@ -309,6 +366,18 @@ class ClassifierEpochs:
                 row.update(_split_row(self.source.net, self.source, self.data, self.task, split))
         row["score"] = _selection_score({"epoch": epoch, **row}, self.schedule.select)
         return row
+
+
+@contextlib.contextmanager
+def _own_random_draws(shard: Shard):
+    """Dropout masks of its own for every worker, reproducibly: all take the same seed from
+    torch's generator (identical on every worker, and what a checkpoint keeps) plus their
+    rank. A network with dropout thus trains on N workers as on one only in distribution."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + shard.rank)
+        yield
 
 
 def _batches(perm: torch.Tensor, batch_size: int, net: nn.Module) -> list[torch.Tensor]:

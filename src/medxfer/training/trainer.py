@@ -14,7 +14,7 @@ import copy
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from medxfer.device import Runtime
 from medxfer.errors import MedxferError
 from medxfer.locking import run_folder_lock
+from medxfer.shard import ONE, Shard
 from medxfer.storage.checkpoint import load_checkpoint_or_none
 from medxfer.storage.folder import RunFolder
 from medxfer.tracking import Handler, check_store, configured_handlers
@@ -95,7 +96,18 @@ class SeededJob:
 
 # options that change where a run's files go, how fast it runs or who hears of it: a run
 # may resume (or be found finished) under other values of these
-NOT_COMPARED = ("out", "device", "engine", "cache_dir", "eval_batch_size", "track", "tracking_uri")
+# (``workers``: N workers compute what one does, to float rounding)
+NOT_COMPARED = (
+    "out",
+    "device",
+    "engine",
+    "cache_dir",
+    "eval_batch_size",
+    "track",
+    "tracking_uri",
+    "workers",
+    "address",
+)
 
 
 def differences(options: Any, before: Any) -> list[str]:
@@ -117,6 +129,9 @@ class Trainer:
     progress: bool = False
     overwrite: bool = False
     handlers: Sequence[Handler] = ()
+    # a data-parallel worker: all train, rank 0 alone evaluates and writes (the others read
+    # the folder's checkpoint to resume from the same epoch)
+    shard: Shard = ONE
 
     def __post_init__(self) -> None:
         self.folder = RunFolder(self.options.out)
@@ -127,6 +142,9 @@ class Trainer:
             self.log(f"{self.folder.path}: run already complete")
             return self.folder
         runtime = self._runtime()  # files, tracking store, device: before anything is written
+        if not self.shard.primary:  # rank 0 holds the lock for the whole run
+            self._train(runtime)
+            return self.folder
         with run_folder_lock(self.folder.path):  # a second process on this folder stops here
             self._train(runtime)
         return self.folder
@@ -154,13 +172,14 @@ class Trainer:
             spec.check_files()
         check_store(getattr(options, "track", "none"), getattr(options, "tracking_uri", None))
         engine = getattr(options, "engine_request", "torch")
-        return Runtime.create(
+        runtime = Runtime.create(
             options.device,
             amp=getattr(options, "amp", True),
             batch_size=getattr(options, "eval_batch_size", None),
-            progress=self.progress,
+            progress=self.progress and self.shard.primary,
             engine=engine,
         )
+        return replace(runtime, shard=self.shard)
 
     def _train(self, runtime: Runtime) -> None:
         started = time.perf_counter()
@@ -172,6 +191,9 @@ class Trainer:
                 job.optimizer.load_state_dict(saved["optimizer"])
             if saved.get("random"):
                 job.set_random_state(saved["random"])
+        if not self.shard.primary:
+            self._epochs(job, state, [])
+            return
         self.folder.write_config(self.family.name, asdict(self.options), job.resolved())
         handlers = [*self.handlers, *configured_handlers(self.options)]
         for handler in handlers:
@@ -198,6 +220,8 @@ class Trainer:
         for epoch in range(state.epoch + 1, self.options.epochs + 1):
             began = time.perf_counter()
             row = {"epoch": epoch, **job.train_one_epoch(epoch)}
+            if not self.shard.primary:  # rank 0 evaluates, keeps the best epoch and writes
+                continue
             row.update(job.evaluate(epoch))
             score = row.pop("score")
             row["seconds"] = time.perf_counter() - began
