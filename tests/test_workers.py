@@ -212,6 +212,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_synchronised_batchnorm_leaves_frozen_layers_and_refuses_fused_ones(
+    small_kermany, tmp_path
+):
+    """--mode partial keeps its frozen BatchNorm in eval mode with ImageNet statistics; timm's
+    BatchNormAct2d (normalise + activation) cannot become a plain synchronised BatchNorm."""
+    import timm
+
+    from medxfer.config import RunConfig
+    from medxfer.errors import MedxferError
+    from medxfer.models.factory import create_model
+    from medxfer.training.parallel import GlooBatchNorm, synchronise_batchnorm
+
+    cfg = RunConfig(data=str(small_kermany), out=str(tmp_path / "x"), mode="partial")
+    network = create_model(cfg.model_spec)
+    frozen_norms = [
+        m for part in network.frozen for m in part.modules() if isinstance(m, nn.BatchNorm2d)
+    ]
+    synchronise_batchnorm(network, torch.device("cpu")).train()
+    assert frozen_norms and all(type(m) is nn.BatchNorm2d for m in frozen_norms)
+    assert not any(m.training for part in network.frozen for m in part.modules())
+    trained = [m for m in network.modules() if isinstance(m, GlooBatchNorm)]
+    assert trained and all(m.training for m in trained)
+    lite = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1)
+    with pytest.raises(MedxferError, match="BatchNormAct2d"):
+        synchronise_batchnorm(lite, torch.device("cpu"))
+
+
 def test_ray_is_not_imported_without_workers(small_kermany, tmp_path):
     code = (
         "import sys; from medxfer import api; "

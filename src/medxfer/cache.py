@@ -137,10 +137,11 @@ class ChunkedArray:
     def write(self, chunk: int, array: np.ndarray, meta: dict | None = None) -> None:
         """Store one chunk's rows, then its marker (the order that makes a kill safe)."""
         rows = self.rows_of(chunk)
-        if np.shape(array)[0] != len(rows):
-            raise ValueError(f"chunk {chunk}: shape {np.shape(array)}, expected {len(rows)} rows")
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        if array.shape != (len(rows), *self.shape[1:]):
+            raise ValueError(f"chunk {chunk}: shape {array.shape}, expected {len(rows)} rows")
         self.write_rows(rows.start, array)
-        self.seal(chunk, meta)
+        self._mark(chunk, meta, memoryview(array).cast("B"))  # the CRC of what was computed
 
     def write_rows(self, start: int, array: np.ndarray) -> None:
         """Store rows from ``start`` on, without marking any chunk finished: what each worker
@@ -160,10 +161,12 @@ class ChunkedArray:
             os.close(fd)
 
     def seal(self, chunk: int, meta: dict | None = None) -> None:
-        """Mark a chunk whose rows are all written finished: its marker, with the CRC of the
-        bytes now on disk."""
+        """Mark finished a chunk whose rows several workers wrote (``write_rows``): its
+        marker, with the CRC of the bytes now on disk."""
         rows = self.rows_of(chunk)
-        data = memoryview(self.read(np.arange(rows.start, rows.stop))).cast("B")
+        self._mark(chunk, meta, memoryview(self.read(np.arange(rows.start, rows.stop))).cast("B"))
+
+    def _mark(self, chunk: int, meta: dict | None, data: memoryview) -> None:
         meta = json.loads(json.dumps(meta or {}))
         write_json(self._marker(chunk), {"crc32": _crc(meta, data), "meta": meta})
         self._meta[chunk] = meta

@@ -38,6 +38,7 @@ class Shard:
         return [range(s, min(s + batch_size, n)) for s in starts]
 
     def takes(self, batch: int) -> bool:
+        """Whether batch number ``batch`` of a pass is this worker's (as ``batches``)."""
         return batch % self.world == self.rank
 
     def sync(self) -> None:

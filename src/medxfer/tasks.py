@@ -54,18 +54,10 @@ class Task:
         """Mean loss of a batch; with ``weights`` (from :meth:`class_weights`) the optimised,
         class-weighted form, without it the plain loss that is reported. Multilabel: the mean
         over the known entries (NaN targets are masked out)."""
-        logits = logits.float()
-        if self.name == "multiclass":
-            return F.cross_entropy(logits, targets, weight=weights)  # weighted mean, as torch
-        if self.name == "binary":
-            per = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none")
-            return per.mean() if weights is None else (per * weights[targets]).mean()
-        known = ~targets.isnan()
-        target = targets.nan_to_num()
-        per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        if weights is not None:
-            per = per * torch.where(target > 0.5, weights[1], weights[0])
-        if known.all():
+        if self.name == "multiclass":  # weighted mean, as torch
+            return F.cross_entropy(logits.float(), targets, weight=weights)
+        per, known = self._per_entry(logits, targets, weights)
+        if known is None or known.all():
             return per.mean()
         return (per * known).sum() / known.sum().clamp(min=1)
 
@@ -74,18 +66,26 @@ class Task:
     ) -> torch.Tensor:
         """:meth:`loss` times :meth:`loss_normalizer`: what the workers of a data-parallel
         run add up, each over its rows, before dividing by the whole batch's normaliser."""
-        logits = logits.float()
         if self.name == "multiclass":
-            return F.cross_entropy(logits, targets, weight=weights, reduction="sum")
+            return F.cross_entropy(logits.float(), targets, weight=weights, reduction="sum")
+        per, known = self._per_entry(logits, targets, weights)
+        return per.sum() if known is None else (per * known).sum()
+
+    def _per_entry(
+        self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Binary and multilabel: the (class-weighted) loss of every entry, and which entries
+        are known (multilabel; None for binary)."""
+        logits = logits.float()
         if self.name == "binary":
             per = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none")
-            return per.sum() if weights is None else (per * weights[targets]).sum()
+            return (per if weights is None else per * weights[targets]), None
         known = ~targets.isnan()
         target = targets.nan_to_num()
         per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         if weights is not None:
             per = per * torch.where(target > 0.5, weights[1], weights[0])
-        return (per * known).sum()
+        return per, known
 
     def loss_normalizer(
         self, targets: torch.Tensor, weights: torch.Tensor | None = None

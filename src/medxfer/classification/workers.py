@@ -3,8 +3,8 @@
 ``--workers N`` starts Ray Train's ``TorchTrainer`` (gloo on CPUs, NCCL on GPUs); every worker
 runs :func:`_worker` with the same options and its rank (``medxfer.shard.Shard``):
 
-- rank 0 decodes the images into the shared cache first, the others then read them (a cache
-  hit), so no image is decoded twice;
+- the driver reads and decodes the data into the shared cache before Ray starts (bad input is
+  one line there), and the workers read it from the cache;
 - a frozen backbone: the workers fill the feature cache together, each extracting every N-th
   batch of every chunk, drawing every batch's augmentation so that the features equal a
   one-process run's; rank 0 then trains the head alone on the cached features (seconds), as a
@@ -23,49 +23,54 @@ machine, or a shared mount across machines).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from medxfer.classification.context import Context
 from medxfer.classification.inputs import prepare_inputs
 from medxfer.classification.run import FAMILY, build_network, load_data
 from medxfer.config import RunConfig
-from medxfer.data.cache import default_cache_dir
 from medxfer.device import Runtime
 from medxfer.errors import MedxferError
+from medxfer.locking import run_folder_lock
 from medxfer.shard import Shard
 from medxfer.storage.folder import RunFolder
 from medxfer.training.trainer import Log, Trainer
 
 MAX_FAILURES = 3  # worker-group restarts before a run gives up
+BARRIER_S = 4 * 3600  # a worker may wait this long for rank 0 (a first feature chunk, a decode)
 
 
 def train_on_workers(
     cfg: RunConfig, *, log: Log = print, progress: bool = True, overwrite: bool = False
 ) -> RunFolder:
     """Train (resume, or find finished) ``cfg``'s run on ``cfg.workers`` Ray Train workers."""
-    cfg = _shared_paths(cfg)
     single = Trainer(FAMILY, cfg, log=log, progress=progress, overwrite=overwrite)
     if single.folder.is_complete() and not overwrite:
         return single.run()  # checks the settings, says so, trains nothing
-    if overwrite and single.folder.path.exists():  # once, not again when Ray restarts workers
-        shutil.rmtree(single.folder.path)
+    cache = _prepare(cfg, single, overwrite, progress)
     ray, train = _ray()
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cuda = Runtime.create(cfg.device, progress=False, engine="torch").device.type == "cuda"
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=cfg.address, include_dashboard=False, configure_logging=False)
+        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=progress)
     storage = Path(tempfile.mkdtemp(prefix="medxfer-ray-"))
     try:
+        _check_resources(ray, cfg.workers, cuda)
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"options": asdict(cfg), "progress": progress},
+            train_loop_config={
+                "options": asdict(cfg),
+                "progress": progress,
+                "cwd": os.getcwd(),  # relative paths, as config.json keeps them
+                "cache": str(cache),
+            },
             scaling_config=train.ScalingConfig(num_workers=cfg.workers, use_gpu=cuda),
-            torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+            torch_config=TorchConfig(backend="nccl" if cuda else "gloo", timeout_s=BARRIER_S),
             run_config=train.RunConfig(
                 name="medxfer",
                 storage_path=str(storage),
@@ -73,8 +78,13 @@ def train_on_workers(
             ),
         )
         result = trainer.fit()
-    except Exception as error:  # Ray's errors wrap the worker's: the first line says why
-        raise MedxferError(f"{cfg.out}: the run on {cfg.workers} workers failed: {error}") from None
+    except MedxferError:
+        raise
+    except Exception as error:  # Ray's errors wrap the worker's: its last line says why
+        last = str(error).strip().splitlines()[-1:] or [type(error).__name__]
+        raise MedxferError(
+            f"{cfg.out}: the run on {cfg.workers} workers failed: {last[0]}"
+        ) from None
     finally:
         shutil.rmtree(storage, ignore_errors=True)
         if started_here:
@@ -85,28 +95,62 @@ def train_on_workers(
     return single.folder
 
 
+def _prepare(cfg: RunConfig, single: Trainer, overwrite: bool, progress: bool) -> Path:
+    """Before Ray starts, in this process: the data read and decoded into the shared cache
+    (bad input is one line here, not a restarted worker; the workers then read the cache),
+    the folder's run checked, and ``--overwrite`` applied once (not again when Ray restarts
+    the workers). Returns the cache folder every worker uses."""
+    runtime = Runtime.create(cfg.device, progress=progress, engine="torch")
+    ctx = load_data(cfg, runtime)
+    folder = single.folder
+    if overwrite and folder.path.exists():
+        with run_folder_lock(folder.path):
+            shutil.rmtree(folder.path)
+    elif folder.is_foreign():
+        raise MedxferError(
+            f"{folder.path}: output folder is not empty and holds no medxfer run "
+            "(use --overwrite to replace it)"
+        )
+    elif folder.has_run():
+        single.check_same()
+    return ctx.cache_dir.resolve()
+
+
+def _check_resources(ray, workers: int, cuda: bool) -> None:
+    """One line instead of a wait for workers the cluster can never place."""
+    have = ray.cluster_resources()
+    need = {"CPU": workers, **({"GPU": workers} if cuda else {})}
+    for name, count in need.items():
+        if have.get(name, 0) < count:
+            raise MedxferError(
+                f"--workers {workers}: the Ray cluster has {have.get(name, 0):g} {name}s "
+                f"for {count} workers"
+            )
+
+
 def _worker(config: dict) -> None:
     """What every worker runs (again, from the folder's checkpoint, after a restart)."""
     from ray import train
 
+    os.chdir(config["cwd"])
     context = train.get_context()
     shard = Shard(context.get_world_rank(), context.get_world_size(), distributed=True)
     cfg = RunConfig.from_dict(config["options"])
+    if cfg.cache_dir is None:
+        os.environ["MEDXFER_CACHE"] = config["cache"]
     progress = config["progress"] and shard.primary
-    ctx = _load_once(cfg, shard)
     if cfg.uses_feature_cache:  # every worker extracts its share of the missing features
+        ctx = load_data(cfg, _runtime(cfg, shard))
         prepare_inputs(ctx, build_network(ctx), adapted=False)
         shard.sync()
         if shard.primary:  # the head: cheapest where the features are, on one worker
             Trainer(FAMILY, cfg, progress=progress).run()
         return
-    log = print if shard.primary else (lambda _line: None)
+    log = print if progress else (lambda _line: None)
     Trainer(FAMILY, cfg, log=log, progress=progress, shard=shard).run()
 
 
-def _load_once(cfg: RunConfig, shard: Shard) -> Context:
-    """The run's data: rank 0 decodes the images into the cache while the others wait, then
-    they read them from it."""
+def _runtime(cfg: RunConfig, shard: Shard) -> Runtime:
     runtime = Runtime.create(
         cfg.device,
         amp=cfg.amp,
@@ -114,25 +158,7 @@ def _load_once(cfg: RunConfig, shard: Shard) -> Context:
         progress=False,
         engine=cfg.engine_request,
     )
-    runtime = replace(runtime, shard=shard)
-    ctx = load_data(cfg, runtime) if shard.primary else None
-    shard.sync()
-    return ctx or load_data(cfg, runtime)
-
-
-def _shared_paths(cfg: RunConfig) -> RunConfig:
-    """Absolute paths (and the cache made explicit), so that every worker finds the files."""
-
-    def absolute(path: str | None) -> str | None:
-        return str(Path(path).expanduser().resolve()) if path else path
-
-    return replace(
-        cfg,
-        data=absolute(cfg.data),
-        out=absolute(cfg.out),
-        weights=absolute(cfg.weights),
-        cache_dir=absolute(cfg.cache_dir) or str(default_cache_dir().resolve()),
-    )
+    return replace(runtime, shard=shard)
 
 
 def _ray():

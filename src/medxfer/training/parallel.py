@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medxfer.errors import MedxferError
 from medxfer.shard import Shard
 
 
@@ -74,24 +75,40 @@ class GlooBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
 
 
-def synchronise_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """``module`` with every BatchNorm layer synchronised over the workers, in place where it
-    can be; parameters and statistics are the same objects, so an optimiser built before
-    keeps working and a checkpoint loads unchanged."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(
-            child, GlooBatchNorm
-        ):
-            setattr(module, name, _gloo_copy(child))
-        else:
-            synchronise_batchnorm(child, device)
-    return module
+PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _gloo_copy(bn: nn.modules.batchnorm._BatchNorm) -> GlooBatchNorm:
-    sync = GlooBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+def synchronise_batchnorm(network: nn.Module, device: torch.device) -> nn.Module:
+    """``network`` with every BatchNorm layer that trains synchronised over the workers, in
+    place; parameters and statistics are the same objects, so an optimiser built before keeps
+    working and a checkpoint loads unchanged. Layers of ``network.frozen`` (kept in eval mode
+    by ``XrayClassifier.train``) stay as they are. A BatchNorm subclass that does more than
+    normalise (timm's ``BatchNormAct2d``) is refused: a plain copy would drop its activation."""
+    frozen = {id(m) for part in getattr(network, "frozen", []) for m in part.modules()}
+    sync = nn.SyncBatchNorm if device.type == "cuda" else GlooBatchNorm
+
+    def convert(module: nn.Module) -> None:
+        for name, child in list(module.named_children()):
+            if id(child) in frozen:
+                continue
+            if type(child) in PLAIN_NORMS:
+                setattr(module, name, _copy(child, sync))
+            elif isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(
+                child, (GlooBatchNorm, nn.SyncBatchNorm)
+            ):
+                raise MedxferError(
+                    f"--workers: {type(child).__name__} layers ({name}) cannot be synchronised "
+                    "over workers; train this network in one process"
+                )
+            else:
+                convert(child)
+
+    convert(network)
+    return network
+
+
+def _copy(bn: nn.modules.batchnorm._BatchNorm, cls: type) -> nn.Module:
+    sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     if bn.affine:
         sync.weight, sync.bias = bn.weight, bn.bias
     if bn.track_running_stats:

@@ -257,7 +257,7 @@ class Trainer:
         folder is emptied here: after the options and the data were read."""
         if self.overwrite and self.folder.path.exists():
             shutil.rmtree(self.folder.path)
-        if self.folder.is_foreign():
+        if self.shard.primary and self.folder.is_foreign():  # (rank 0 may be writing it)
             raise MedxferError(
                 f"{self.folder.path}: output folder is not empty and holds no medxfer run "
                 "(use --overwrite to replace it)"
