@@ -1,6 +1,7 @@
 """Studies: grid expansion, resumable execution (kill -9 included), Ray, the report."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,3 +178,51 @@ def test_local_process_pool(small_kermany, tmp_path):
     path = run_study(study, tmp_path / "study", workers=2, log=lambda _: None)
     table = pd.read_csv(path)
     assert sorted(table["mode"]) == ["scratch", "transfer"] and table.cell.is_unique
+
+
+def test_grids_are_joined_and_overridden_in_each(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[base]\ndata = "x"\nepochs = 20\n'
+        '[[grid]]\nmode = ["transfer"]\nhead = ["paper", "logreg"]\nseed = [0, 1]\n'
+        '[[grid]]\nmode = ["finetune"]\nhead = ["paper"]\nepochs = [3]\nseed = [0, 1]\n'
+    )
+    study = load_study(str(path))
+    cells = {c.name: c.options for c in study.cells()}
+    assert list(cells) == [
+        "transfer-head=paper-s0",
+        "transfer-head=paper-s1",
+        "transfer-head=logreg-s0",
+        "transfer-head=logreg-s1",
+        "finetune-head=paper-epochs=3-s0",
+        "finetune-head=paper-epochs=3-s1",
+    ]
+    # base epochs stays for the grid that does not set it
+    assert cells["transfer-head=logreg-s1"]["epochs"] == 20
+    assert cells["finetune-head=paper-epochs=3-s0"]["epochs"] == 3
+    assert study.base["epochs"] == 20 and "mode" not in study.base
+    one_seed = load_study(str(path), grid_overrides=["seed=5"]).cells()
+    assert [c.options["seed"] for c in one_seed] == [5, 5, 5]
+    path.write_text('[base]\ndata = "x"\n[[grid]]\nseed = [0]\n[[grid]]\nseed = [0, 1]\n')
+    with pytest.raises(MedxferError, match="two grids make the same cell 's0'"):
+        load_study(str(path))
+    path.write_text('[base]\ndata = "x"\n[[grid]]\nseed = [0]\n[[grid]]\nhead = ["lasso"]\n')
+    with pytest.raises(MedxferError, match="lasso"):  # every cell of every grid is checked
+        load_study(str(path))
+
+
+def test_baseline_names_experiment_options_with_single_values(tmp_path):
+    path = tmp_path / "s.toml"
+    grid = '[grid]\nhead = ["paper", "logreg"]\n'
+    for baseline, error in [
+        ("seed = 0", "study.baseline 'seed': not an experiment option"),
+        ('head = ["paper"]', "study.baseline must map run options to single values"),
+        ('colour = "red"', "study.baseline 'colour': not an experiment option"),
+    ]:
+        path.write_text(f'[study.baseline]\n{baseline}\n[base]\ndata = "x"\n{grid}')
+        with pytest.raises(MedxferError, match=re.escape(error)):
+            load_study(str(path))
+    path.write_text(
+        f'[study.baseline]\nhead = "paper"\nthreshold = "youden"\n[base]\ndata = "x"\n{grid}'
+    )
+    assert load_study(str(path)).baseline == {"head": "paper", "threshold_rule": "youden"}

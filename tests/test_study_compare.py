@@ -209,3 +209,34 @@ def test_compare_names_experiment_options_only(tmp_path):
         load_study(str(path))
     path.write_text('[study]\ncompare = ["lr"]\n[base]\ndata = "x"\n[grid]\nlr = [1e-3, 1e-4]\n')
     assert load_study(str(path)).compare == ["lr"]
+
+
+def test_every_experiment_is_paired_with_the_baseline(small_kermany, tmp_path):
+    toml = study_file(
+        tmp_path / "s.toml",
+        small_kermany,
+        meta='compare = ["head"]\n[study.baseline]\nhead = "paper"\ntta = 1',
+        base='mode = "transfer"\nbootstrap = 50',
+        grid='head = ["paper", "logreg"]\ntta = [1, 2]\nseed = [0]',
+    )
+    out = tmp_path / "study"
+    assert main(["study", "run", str(toml), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "comparisons.csv")
+    assert set(zip(table.option, table.a, table.b, strict=True)) == {
+        ("head", "logreg", "paper"),  # the one-option pairs of compare, at tta 1 and 2
+        ("baseline", "head=paper, tta=1", "head=logreg, tta=2"),
+        ("baseline", "tta=1", "tta=2"),  # tta is not compared, but it is the baseline's
+    }
+    assert (table.option == "head").sum() == 2 * len(HEADLINE["binary"])
+    row = table[(table.b == "head=logreg, tta=2") & (table.metric == "roc_auc")].iloc[0]
+    a = read_test_rows(out / "runs" / "head=paper-tta=1-s0")
+    b = read_test_rows(out / "runs" / "head=logreg-tta=2-s0").set_index("file").loc[a.file]
+    y = (a.label == "PNEUMONIA").to_numpy(int)
+    pa, pb = a.probability.to_numpy(), b.probability.to_numpy()
+    assert row["diff"] == pytest.approx(roc_auc_score(y, pb) - roc_auc_score(y, pa))
+    assert row.p_value == pytest.approx(delong_brute_force(y, pa, pb), rel=1e-9)
+    assert row.cell_a == "head=paper-tta=1-s0" and row.cell_b == "head=logreg-tta=2-s0"
+    assert json.loads((out / "study.json").read_text())["baseline"] == {"head": "paper", "tta": 1}
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| head=logreg, tta=2 − baseline head=paper, tta=1 |" in report

@@ -39,7 +39,7 @@ from medxfer.evaluation.metrics import PRIMARY
 from medxfer.evaluation.paired import holm
 from medxfer.families import family, family_of
 from medxfer.storage.folder import RunFolder
-from medxfer.study.table import EXPERIMENT, collect, experiment_of, label, varying
+from medxfer.study.table import EXPERIMENT, as_text, collect, experiment_of, label, varying
 
 FILE = "comparisons.csv"
 SETTINGS = "study.json"
@@ -69,17 +69,30 @@ COLUMNS = (
 )
 
 
-def write_comparisons(study_dir: Path, compare: list[str] | None = None) -> Path:
-    """Compute the study's comparisons and write ``comparisons.csv`` atomically."""
-    table = comparisons(study_dir, _compare_options(study_dir, compare))
+def write_comparisons(
+    study_dir: Path, compare: list[str] | None = None, baseline: dict | None = None
+) -> Path:
+    """Compute the study's comparisons and write ``comparisons.csv`` atomically; ``compare``
+    and ``baseline`` default to the study's (``study.json``)."""
+    settings = _settings(study_dir)
+    compare = _compare_options(settings.get("compare", []) if compare is None else compare)
+    baseline = settings.get("baseline", {}) if baseline is None else baseline
+    table = comparisons(study_dir, compare, baseline)
     path = Path(study_dir) / FILE
     write_with(path, lambda tmp: table.to_csv(tmp, index=False))
     return path
 
 
-def save_settings(study_dir: Path, *, name: str, compare: list[str]) -> None:
-    """What the report needs to know of the study file (which options are compared)."""
-    write_json(Path(study_dir) / SETTINGS, {"name": name, "compare": compare})
+def save_settings(study_dir: Path, *, name: str, compare: list[str], baseline: dict) -> None:
+    """What the report needs to know of the study file (which options are compared, and
+    against which baseline)."""
+    settings = {"name": name, "compare": compare, "baseline": baseline}
+    write_json(Path(study_dir) / SETTINGS, settings)
+
+
+def _settings(study_dir: Path) -> dict:
+    path = Path(study_dir) / SETTINGS
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def read_comparisons(study_dir: Path) -> pd.DataFrame:
@@ -91,29 +104,31 @@ def read_comparisons(study_dir: Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def comparisons(study_dir: Path, compare: list[str]) -> pd.DataFrame:
+def comparisons(study_dir: Path, compare: list[str], baseline: dict | None = None) -> pd.DataFrame:
     """Every row of ``comparisons.csv`` (see the module docstring)."""
     frame = collect(study_dir)
     rows: list[dict] = []
     if not frame.empty:
         keys = frame.apply(experiment_of, axis=1)
         context = varying(frame)
-        for key_a, key_b, option in _pairs(list(dict.fromkeys(keys)), compare):
+        experiments = list(dict.fromkeys(keys))
+        pairs = list(_pairs(experiments, compare))
+        pairs += _baseline_pairs(experiments, baseline or {}, {(a, b) for a, b, _ in pairs})
+        for key_a, key_b, option in pairs:
             runs_a, runs_b = frame[keys == key_a], frame[keys == key_b]
+            differ = option if isinstance(option, list) else [option]
+            first_a, first_b = runs_a.iloc[0], runs_b.iloc[0]
             header = {
-                "option": option,
-                "a": runs_a.iloc[0][option],
-                "b": runs_b.iloc[0][option],
-                "shared": label(runs_a.iloc[0], [k for k in context if k != option]),
+                "option": "baseline" if isinstance(option, list) else option,
+                "a": label(first_a, differ) if isinstance(option, list) else first_a[option],
+                "b": label(first_b, differ) if isinstance(option, list) else first_b[option],
+                "shared": label(first_a, [k for k in context if k not in differ]),
             }
             rows += _pair(Path(study_dir), runs_a, runs_b, header)
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def _compare_options(study_dir: Path, compare: list[str] | None) -> list[str]:
-    if compare is None:
-        path = Path(study_dir) / SETTINGS
-        compare = json.loads(path.read_text()).get("compare", []) if path.exists() else []
+def _compare_options(compare: list[str]) -> list[str]:
     return list(dict.fromkeys(["mode", *compare]))
 
 
@@ -126,6 +141,20 @@ def _pairs(experiments: list[tuple], compare: list[str]):
             option = differ[0]
             i = EXPERIMENT.index(option)
             yield (x, y, option) if _order(option, x[i]) <= _order(option, y[i]) else (y, x, option)
+
+
+def _baseline_pairs(experiments: list[tuple], baseline: dict, paired: set) -> list:
+    """(b, x, options) for each experiment x whose copy with ``baseline``'s values, b, is also an
+    experiment of the study, unless the two are already paired: everything against the
+    reference protocol, however many of its options x changes."""
+    found = set(experiments)
+    at = {EXPERIMENT.index(k): as_text(v) for k, v in baseline.items()}
+    pairs = []
+    for x in experiments:
+        b = tuple(at.get(i, value) for i, value in enumerate(x))
+        if b != x and b in found and (b, x) not in paired and (x, b) not in paired:
+            pairs.append((b, x, [k for k, u, v in zip(EXPERIMENT, b, x, strict=True) if u != v]))
+    return pairs
 
 
 def _order(option: str, value: str) -> tuple:

@@ -64,7 +64,7 @@ def run_study(
     for name in study.skipped:
         log(f"skip {name}: ImageNet weights not available here")
     out.mkdir(parents=True, exist_ok=True)
-    save_settings(out, name=study.name, compare=study.compare)
+    save_settings(out, name=study.name, compare=study.compare, baseline=study.baseline)
     jobs = [(cell, _absolute(cell), str(out / "runs" / cell.name)) for cell in cells]
     lock_dir = str(out / "locks")
     log(
@@ -79,7 +79,7 @@ def run_study(
         else:
             _run_ray(plan, address, cpus_per_cell, gpus_per_cell)
         path = write_results(out, study)
-    pairs = write_comparisons(out, study.compare)
+    pairs = write_comparisons(out, study.compare, study.baseline)
     log(
         f"study {study.name}: finished in {time.perf_counter() - started:.0f} s; "
         f"tables {path}, {pairs}"

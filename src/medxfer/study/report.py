@@ -256,6 +256,8 @@ def _comparisons_table(pairs: pd.DataFrame, cells: set[str]) -> str:
 def _comparison_line(row: pd.Series) -> str:
     if row.option == "mode":
         between = f"{MODE_LABEL.get(row.b, row.b)} − {MODE_LABEL.get(row.a, row.a)}"
+    elif row.option == "baseline":  # a and b name every option they differ in
+        between = f"{row.b} − baseline {row.a}"
     else:
         between = f"{row.option}={row.b} − {row.option}={row.a}"
     if pd.isna(row.metric):

@@ -1,4 +1,6 @@
-"""A study file (TOML): shared run options, a grid of values, and which cells to keep."""
+"""A study file (TOML): shared run options, a grid of values (or several, ``[[grid]]``, whose
+cells are joined, as scikit-learn's ParameterGrid takes a list of grids), and which cells to
+keep."""
 
 from __future__ import annotations
 
@@ -26,20 +28,31 @@ class Cell:
 class Study:
     name: str
     base: dict[str, Any]
-    grid: dict[str, list[Any]]
+    grids: list[dict[str, list[Any]]]
     skip_unavailable_weights: bool = False
     source: str = ""
     skipped: list[str] = field(default_factory=list)
     compare: list[str] = field(default_factory=list)  # options compared besides ``mode``
+    # experiment options of the reference every other experiment is also paired against
+    baseline: dict[str, Any] = field(default_factory=dict)
     # local ImageNet weights per architecture ([study.weights]), for those with no standard
     # download here; scratch cells of that architecture ignore them
     weights: dict[str, str] = field(default_factory=dict)
 
     def cells(self) -> list[Cell]:
-        """Every combination of the grid over ``base``, in grid order."""
-        keys = list(self.grid)
+        """Every combination of each grid over ``base``, in grid order, grid after grid."""
         cells, self.skipped = [], []
-        for values in itertools.product(*(self.grid[k] for k in keys)):
+        for grid in self.grids:
+            cells += self._cells_of(grid)
+        names = [cell.name for cell in cells]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise MedxferError(f"{self.source}: two grids make the same cell {twice[0]!r}")
+        return cells
+
+    def _cells_of(self, grid: dict[str, list[Any]]) -> list[Cell]:
+        keys, cells = list(grid), []
+        for values in itertools.product(*(grid[k] for k in keys)):
             options = {**self.base, **dict(zip(keys, values, strict=True))}
             arch = options.get("arch", "mobilenet_v2")
             if arch in self.weights and "weights" not in options:
@@ -71,38 +84,67 @@ def load_study(
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise MedxferError(f"{source}: invalid TOML ({exc})") from None
-    meta, base, grid = raw.get("study", {}), dict(raw.get("base", {})), raw.get("grid", {})
+    meta, base = raw.get("study", {}), dict(raw.get("base", {}))
     for key in ("track", "tracking_uri"):  # [study] track = "mlflow": every cell tracks
         if key in meta:
             base.setdefault(key, meta[key])
     for item in overrides or []:
         key, _, value = item.partition("=")
         base[key.strip().replace("-", "_")] = _parse_value(value.strip())
-    for item in grid_overrides or []:
-        key, _, values = item.partition("=")
-        grid[key.strip().replace("-", "_")] = [_parse_value(v.strip()) for v in values.split(",")]
+    grids = _grids(raw.get("grid", {}), grid_overrides or [], source)
     family = family_of(base)
-    compare = _compared(meta.get("compare", []), [*base, *grid], family, source)
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise MedxferError(f"{source}: grid.{key} must be a non-empty list")
-        base.pop(key, None)
+    axes = [key for grid in grids for key in grid]
+    compare = _compared(meta.get("compare", []), [*base, *axes], family, source)
+    baseline = _baseline(meta.get("baseline", {}), source)
+    for key in set.intersection(*(set(grid) for grid in grids)):
+        base.pop(key, None)  # every cell takes it from a grid
     if "data" not in base:
         raise MedxferError(f"{source}: base.data is required")
     study = Study(
         meta.get("name", Path(source).stem),
         base,
-        grid,
+        grids,
         bool(meta.get("skip_unavailable_weights", False)),
         source,
         compare=list(compare),
+        baseline=baseline,
         weights=_weights_table(meta.get("weights", {}), source),
     )
-    if "task" in grid and any(family_of({"task": t}) != family for t in grid["task"]):
-        raise MedxferError(f"{source}: one study trains one kind of run (task {grid['task']})")
+    tasks = [t for grid in grids for t in grid.get("task", [])]
+    if any(family_of({"task": t}) != family for t in tasks):
+        raise MedxferError(f"{source}: one study trains one kind of run (task {tasks})")
     for cell in study.cells():  # validate every cell before anything runs
         build_options({**cell.options, "out": "-"})
     return study
+
+
+def _grids(raw: Any, overrides: list[str], source: str) -> list[dict[str, list[Any]]]:
+    """``[grid]`` as a list of one grid, ``[[grid]]`` as it is; each ``key=v1,v2`` override
+    replaces (or adds) that axis in every grid."""
+    grids = [dict(g) for g in raw] if isinstance(raw, list) else [dict(raw)]
+    if not grids or not all(isinstance(g, dict) for g in grids):
+        raise MedxferError(f"{source}: grid must be a table ([grid]) or tables ([[grid]])")
+    for item in overrides:
+        key, _, values = item.partition("=")
+        axis = [_parse_value(v.strip()) for v in values.split(",")]
+        for grid in grids:
+            grid[key.strip().replace("-", "_")] = axis
+    for grid in grids:
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise MedxferError(f"{source}: grid.{key} must be a non-empty list")
+    return grids
+
+
+def _baseline(raw: Any, source: str) -> dict[str, Any]:
+    """``[study.baseline]``: the options of the reference experiment (e.g. the paper's protocol)."""
+    if not isinstance(raw, dict) or any(isinstance(v, list | dict) for v in raw.values()):
+        raise MedxferError(f"{source}: study.baseline must map run options to single values")
+    baseline = {COLUMN_OF.get(k, k): v for k, v in raw.items()}
+    for key in baseline:
+        if key not in EXPERIMENT:
+            raise MedxferError(f"{source}: study.baseline {key!r}: not an experiment option")
+    return baseline
 
 
 def _compared(compare: Any, used: list[str], family: str, source: str) -> list[str]:

@@ -113,17 +113,17 @@ def _test_values(test: dict, names) -> dict[str, Any]:
 
 def experiment_of(row: pd.Series | dict) -> tuple[str, ...]:
     """The experiment a run belongs to, as comparable text (None and NaN alike)."""
-    return tuple(_text(row.get(k)) for k in EXPERIMENT)
+    return tuple(as_text(row.get(k)) for k in EXPERIMENT)
 
 
 def varying(frame: pd.DataFrame) -> list[str]:
     """The experiment options that take more than one value in ``frame``."""
-    return [k for k in EXPERIMENT if k in frame.columns and frame[k].map(_text).nunique() > 1]
+    return [k for k in EXPERIMENT if k in frame.columns and frame[k].map(as_text).nunique() > 1]
 
 
 def label(row: pd.Series | dict, keys: list[str]) -> str:
     """``key=value`` of ``keys`` for one run: what tells its experiment apart in this study."""
-    return ", ".join(f"{k}={_text(row.get(k))}" for k in keys)
+    return ", ".join(f"{k}={as_text(row.get(k))}" for k in keys)
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
@@ -141,8 +141,8 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
         row.update(
             task=first.task,
             replicates=len(runs),
-            seeds=" ".join(sorted({_text(v) for v in runs.seed})),
-            folds=" ".join(sorted({_text(v) for v in runs.get("fold", [None])})),
+            seeds=" ".join(sorted({as_text(v) for v in runs.seed})),
+            folds=" ".join(sorted({as_text(v) for v in runs.get("fold", [None])})),
             cells=" ".join(runs.cell),
         )
         for metric in HEADLINE[first.task]:
@@ -170,7 +170,7 @@ def write_results(out: Path, study=None) -> Path:
     return csv
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "None"
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
