@@ -1,4 +1,5 @@
 """The probes study's README table and its ensembles; every choice is made on validation data.
+
     python studies/probes_summary.py studies/out/probes
 
 Per architecture, the frozen experiment (head x features x tta) with the lowest mean validation
