@@ -14,8 +14,9 @@ against the best member):
 - ``all``: ``probes`` and ``finetuned`` together.
 
 Prints a Markdown table (a row per experiment: test accuracy and ROC AUC, mean ± sd over seeds,
-and the paired difference against the study's baseline, pooled over seeds where there are
-several) and a line per ensemble: test accuracy and ROC AUC, and its best member's.
+and the paired difference against the study's baseline: seed 0's with its interval and p-value
+over test patients, and the mean over seeds with the t-test across them) and a line per
+ensemble: test accuracy and ROC AUC, and its best member's.
 """
 
 from __future__ import annotations
@@ -80,24 +81,29 @@ def _mean_sd(values: pd.Series) -> str:
 
 
 def _delta(pairs: pd.DataFrame, cells: set, base_cells: set, metric: str) -> str:
-    """``cells`` − baseline: pooled over seeds where there are several, else the one seed's,
-    with its interval and p-value (a one-option pair may hold the baseline as b)."""
+    """``cells`` − baseline: seed 0's difference with its paired test-set interval and p-value,
+    then (with several seeds) the mean over seeds with its t-test p-value across them."""
     rows = pairs[pairs.metric == metric]
     a, b = (rows[f"cell_{side}"].astype(str).str.split().str[0] for side in "ab")
     for sign, mine in (
         (1, a.isin(base_cells) & b.isin(cells)),
         (-1, a.isin(cells) & b.isin(base_cells)),
     ):
-        if mine.any():
-            found = rows[mine]
-            pooled = found[found.replicate == "pooled"]
-            row = (pooled if len(pooled) else found).iloc[0]
-            scale, digits = (100, 1) if metric == "accuracy" else (1, 4)
-            low, high = sorted((sign * row.ci_low * scale, sign * row.ci_high * scale))
-            diff = sign * row["diff"] * scale
-            return (
-                f"{diff:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}], p {row.p_value:.2g}"
-            )
+        found = rows[mine].set_index("replicate")
+        if found.empty:
+            continue
+        scale, digits = (100, 1) if metric == "accuracy" else (1, 4)
+        first = found.loc["seed=0"]
+        low, high = sorted((sign * first.ci_low * scale, sign * first.ci_high * scale))
+        text = (
+            f"{sign * first['diff'] * scale:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+            f" p {first.p_value:.2g}"
+        )
+        if "pooled" in found.index:
+            pooled = found.loc["pooled"]
+            p = "n/a" if pd.isna(pooled.p_value) else f"{pooled.p_value:.2g}"
+            text += f"; mean {sign * pooled['diff'] * scale:+.{digits}f} p {p}"
+        return text
     return ""
 
 
