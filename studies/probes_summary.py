@@ -22,6 +22,7 @@ ensemble: test accuracy and ROC AUC, and its best member's.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def main(study: Path) -> None:
         if len(members) < 2:
             print(f"{name}: fewer than two finished runs, skipped")
             continue
-        if not (out / "metrics.json").exists():
-            ensemble(members, out)
+        shutil.rmtree(out, ignore_errors=True)  # rebuilt: the chosen members may have changed
+        ensemble(members, out)
         _show(name, out)
 
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -204,8 +205,18 @@ def test_grids_are_joined_and_overridden_in_each(tmp_path):
     one_seed = load_study(str(path), grid_overrides=["seed=5"]).cells()
     assert [c.options["seed"] for c in one_seed] == [5, 5, 5]
     path.write_text('[base]\ndata = "x"\n[[grid]]\nseed = [0]\n[[grid]]\nseed = [0, 1]\n')
-    with pytest.raises(MedxferError, match="two grids make the same cell 's0'"):
+    with pytest.raises(MedxferError, match="the grids make the cell 's0' twice"):
         load_study(str(path))
+    # the same options under other names: one experiment would count as two replicates
+    path.write_text(
+        '[base]\ndata = "x"\nhead = "paper"\n[[grid]]\nhead = ["paper"]\n[[grid]]\ntta = [1]\n'
+    )
+    with pytest.raises(MedxferError, match="cells 'head=paper' and 'tta=1' run the same options"):
+        load_study(str(path))
+    for grid in ("grid = 5", "grid = [1, 2]", 'grid = "x"', "[[grid]]", "[grid]"):
+        path.write_text(f'[base]\ndata = "x"\n{grid}\n')
+        with pytest.raises(MedxferError, match=r"grid must be a table \(\[grid\]\) or tables"):
+            load_study(str(path))
     path.write_text('[base]\ndata = "x"\n[[grid]]\nseed = [0]\n[[grid]]\nhead = ["lasso"]\n')
     with pytest.raises(MedxferError, match="lasso"):  # every cell of every grid is checked
         load_study(str(path))
@@ -222,7 +233,21 @@ def test_baseline_names_experiment_options_with_single_values(tmp_path):
         path.write_text(f'[study.baseline]\n{baseline}\n[base]\ndata = "x"\n{grid}')
         with pytest.raises(MedxferError, match=re.escape(error)):
             load_study(str(path))
+    for baseline, error in [
+        ('head = "lasso"', "lasso"),  # checked as a run option
+        ('head = "mlp"', "study.baseline (head=mlp) is none of the study's cells"),
+        ("lr = 1e-4", "study.baseline (lr=0.0001) is none of the study's cells"),
+    ]:
+        path.write_text(f'[study.baseline]\n{baseline}\n[base]\ndata = "x"\n{grid}')
+        with pytest.raises(MedxferError, match=re.escape(error)):
+            load_study(str(path))
     path.write_text(
-        f'[study.baseline]\nhead = "paper"\nthreshold = "youden"\n[base]\ndata = "x"\n{grid}'
+        '[study.baseline]\nhead = "paper"\nthreshold = 0.5\nlr = 1e-3\ndata = "x"\n'
+        f'[base]\ndata = "x"\n{grid}'
     )
-    assert load_study(str(path)).baseline == {"head": "paper", "threshold_rule": "youden"}
+    assert load_study(str(path)).baseline == {
+        "head": "paper",
+        "threshold_rule": 0.5,
+        "lr": 1e-3,
+        "data": str((Path.cwd() / "x").resolve()),  # as the cells run it
+    }

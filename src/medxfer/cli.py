@@ -501,6 +501,8 @@ def _study_show(args: argparse.Namespace) -> int:
     study = study_cells(args.study, args.set or (), args.grid or ())
     cells = study.cells()
     print(f"study {study.name}: {len(cells)} cells; base {study.base}")
+    if study.baseline:
+        print(f"  every experiment paired against the baseline {study.baseline}")
     for cell in cells:
         print(f"  {cell.name}")
     for name in study.skipped:

@@ -16,6 +16,11 @@ the same labels is refused with a note). Per metric of the task's headline set:
   seed/fold of one pair, or the pooled rows of one pair); the primary metric is a family of
   one and keeps its p-value.
 
+A ``[study.baseline]`` (the options of a reference experiment) adds, for every experiment whose
+copy with the baseline's values is also in the study, the same rows against that copy, however
+many options differ (``option = baseline``, ``a``/``b`` naming them), unless the two are already
+a one-option pair above (whose order, and so whose sign, is kept).
+
 With several seeds/folds, a pooled row per metric gives the mean of the per-replicate
 differences with a t-interval and a one-sample t-test across replicates (``test`` names it).
 Replicates are separate trainings scored on one shared test set, so their spread is the

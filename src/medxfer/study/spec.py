@@ -15,7 +15,7 @@ from medxfer.errors import MedxferError
 from medxfer.families import build_options, family_of, option_names
 from medxfer.models.factory import ModelSpec
 from medxfer.models.weights import torchvision_weights
-from medxfer.study.table import COLUMN_OF, EXPERIMENT
+from medxfer.study.table import COLUMN_OF, EXPERIMENT, as_text
 
 
 @dataclass
@@ -45,9 +45,9 @@ class Study:
         for grid in self.grids:
             cells += self._cells_of(grid)
         names = [cell.name for cell in cells]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise MedxferError(f"{self.source}: two grids make the same cell {twice[0]!r}")
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice is not None:
+            raise MedxferError(f"{self.source}: the grids make the cell {twice!r} twice")
         return cells
 
     def _cells_of(self, grid: dict[str, list[Any]]) -> list[Cell]:
@@ -65,6 +65,8 @@ class Study:
         return cells
 
 
+PATH_OPTIONS = ("data", "weights", "cache_dir")  # made absolute where cells run
+OPTION_OF = {column: option for option, column in COLUMN_OF.items()}
 PRESETS = ("paper", "paper-offline", "quick", "segmentation", "detection")
 
 
@@ -113,17 +115,21 @@ def load_study(
     tasks = [t for grid in grids for t in grid.get("task", [])]
     if any(family_of({"task": t}) != family for t in tasks):
         raise MedxferError(f"{source}: one study trains one kind of run (task {tasks})")
-    for cell in study.cells():  # validate every cell before anything runs
-        build_options({**cell.options, "out": "-"})
+    cells = study.cells()
+    built = [build_options({**cell.options, "out": "-"}) for cell in cells]
+    _check_distinct(cells, built, source)
+    if baseline:  # validate every cell, and the baseline, before anything runs
+        _check_baseline(baseline, cells[0].options, built, source)
     return study
 
 
 def _grids(raw: Any, overrides: list[str], source: str) -> list[dict[str, list[Any]]]:
     """``[grid]`` as a list of one grid, ``[[grid]]`` as it is; each ``key=v1,v2`` override
     replaces (or adds) that axis in every grid."""
-    grids = [dict(g) for g in raw] if isinstance(raw, list) else [dict(raw)]
-    if not grids or not all(isinstance(g, dict) for g in grids):
-        raise MedxferError(f"{source}: grid must be a table ([grid]) or tables ([[grid]])")
+    grids = raw if isinstance(raw, list) else [raw]
+    if not grids or not all(isinstance(g, dict) and g for g in grids):
+        raise MedxferError(f"{source}: grid must be a table ([grid]) or tables ([[grid]]) of axes")
+    grids = [dict(g) for g in grids]
     for item in overrides:
         key, _, values = item.partition("=")
         axis = [_parse_value(v.strip()) for v in values.split(",")]
@@ -144,7 +150,32 @@ def _baseline(raw: Any, source: str) -> dict[str, Any]:
     for key in baseline:
         if key not in EXPERIMENT:
             raise MedxferError(f"{source}: study.baseline {key!r}: not an experiment option")
+        if key in PATH_OPTIONS:  # as the cells run them
+            baseline[key] = str(Path(baseline[key]).expanduser().resolve())
     return baseline
+
+
+def _check_distinct(cells: list[Cell], built: list, source: str) -> None:
+    """No two cells run the same options (defaults filled in), whatever their names."""
+    seen: dict[str, str] = {}
+    for cell, config in zip(cells, built, strict=True):
+        first = seen.setdefault(repr(config), cell.name)
+        if first != cell.name:
+            raise MedxferError(f"{source}: cells {first!r} and {cell.name!r} run the same options")
+
+
+def _check_baseline(baseline: dict, options: dict, built: list, source: str) -> None:
+    """The baseline's values are valid run options and some cell of the study has them all
+    (compared as the results table holds them: ``threshold_rule`` is the config's rule)."""
+    build_options({**options, **{OPTION_OF.get(k, k): v for k, v in baseline.items()}, "out": "-"})
+
+    def value(config, key: str) -> str:
+        found = getattr(config, key)
+        return str(Path(found).expanduser().resolve()) if key in PATH_OPTIONS else as_text(found)
+
+    if not any(all(value(c, k) == as_text(v) for k, v in baseline.items()) for c in built):
+        shown = ", ".join(f"{OPTION_OF.get(k, k)}={v}" for k, v in baseline.items())
+        raise MedxferError(f"{source}: study.baseline ({shown}) is none of the study's cells")
 
 
 def _compared(compare: Any, used: list[str], family: str, source: str) -> list[str]:
