@@ -13,10 +13,11 @@ against the best member):
 - ``finetuned``: the fine-tuned runs of both architectures;
 - ``all``: ``probes`` and ``finetuned`` together.
 
-Prints a Markdown table (a row per experiment: test accuracy and ROC AUC, mean ± sd over seeds,
-and the paired difference against the study's baseline: seed 0's with its interval and p-value
-over test patients, and the mean over seeds with the t-test across them) and a line per
-ensemble: test accuracy and ROC AUC, and its best member's.
+Prints a Markdown table (a row per experiment: mean validation loss, test accuracy and ROC AUC
+as mean ± sd over seeds, and the paired difference against the study's baseline: seed 0's with
+its interval and p-value over test patients, then the mean over seeds with the t-test across
+them) and a line per ensemble: validation loss, test accuracy and ROC AUC, and its best
+member's.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ SHOWN = ["arch", "mode", "head", "features", "tta"]
 def main(study: Path) -> None:
     results = pd.read_csv(study / "results.csv")
     baseline = json.loads((study / "study.json").read_text())["baseline"]
-    print(_table(results, read_comparisons(study), baseline))
     results["val_loss"] = [_val_loss(Path(out)) for out in results.out]
+    print(_table(results, read_comparisons(study), baseline))
     frozen = results[results["mode"] == "transfer"]
     groups, probe = {}, ["head", "features", "tta"]
     for arch, runs in frozen.groupby("arch"):
@@ -61,8 +62,9 @@ def main(study: Path) -> None:
 
 def _table(results: pd.DataFrame, pairs: pd.DataFrame, baseline: dict) -> str:
     lines = [
-        f"| {' | '.join(SHOWN)} | seeds | accuracy | ROC AUC | Δ accuracy (pts) | Δ AUC |",
-        "|" + "---|" * (len(SHOWN) + 5),
+        f"| {' | '.join(SHOWN)} | seeds | val loss | accuracy | ROC AUC | Δ accuracy (pts) "
+        "| Δ AUC |",
+        "|" + "---|" * (len(SHOWN) + 6),
     ]
     text = results.astype(str)
     for key, runs in results.groupby(SHOWN, sort=False):
@@ -72,7 +74,10 @@ def _table(results: pd.DataFrame, pairs: pd.DataFrame, baseline: dict) -> str:
         acc, auc = (_mean_sd(runs[m]) for m in ("accuracy", "roc_auc"))
         deltas = [_delta(pairs, set(runs.cell), base_cells, m) for m in ("accuracy", "roc_auc")]
         cells = " | ".join(str(v) for v in key)
-        lines.append(f"| {cells} | {len(runs)} | {acc} | {auc} | {deltas[0]} | {deltas[1]} |")
+        loss = f"{runs.val_loss.mean():.4f}"
+        lines.append(
+            f"| {cells} | {len(runs)} | {loss} | {acc} | {auc} | {deltas[0]} | {deltas[1]} |"
+        )
     return "\n".join(lines)
 
 
@@ -113,11 +118,13 @@ def _val_loss(run: Path) -> float:
 
 
 def _show(name: str, out: Path) -> None:
-    test = json.loads((out / "metrics.json").read_text())["test"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = metrics["test"]
     comparison = pd.read_csv(out / "comparison.csv").set_index("metric")
     best = comparison.loc["accuracy"]
     print(
-        f"{name}: {test['accuracy']:.4f} / {test['roc_auc']:.4f}; best member "
+        f"{name}: val loss {metrics['val']['loss']:.4f}; test {test['accuracy']:.4f} / "
+        f"{test['roc_auc']:.4f}; best member "
         f"{best.value_a:.4f} / {comparison.loc['roc_auc'].value_a:.4f} ({out})"
     )
 
