@@ -16,8 +16,8 @@ against the best member):
 Prints a Markdown table (a row per experiment: mean validation loss, test accuracy and ROC AUC
 as mean ± sd over seeds, and the paired difference against the study's baseline: seed 0's with
 its interval and p-value over test patients, then the mean over seeds with the t-test across
-them) and a line per ensemble: validation loss, test accuracy and ROC AUC, and its best
-member's.
+them), how alike validation and test rank the runs, and a line per ensemble: validation
+loss, test accuracy and ROC AUC, and its best member's.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from scipy.stats import spearmanr
 
 from medxfer.api import ensemble
 from medxfer.study.compare import read_comparisons
@@ -40,6 +41,7 @@ def main(study: Path) -> None:
     baseline = json.loads((study / "study.json").read_text())["baseline"]
     results["val_loss"] = [_val_loss(Path(out)) for out in results.out]
     print(_table(results, read_comparisons(study), baseline))
+    print(_agreement(results))
     frozen = results[results["mode"] == "transfer"]
     groups, probe = {}, ["head", "features", "tta"]
     for arch, runs in frozen.groupby("arch"):
@@ -81,6 +83,19 @@ def _table(results: pd.DataFrame, pairs: pd.DataFrame, baseline: dict) -> str:
     return "\n".join(lines)
 
 
+def _agreement(results: pd.DataFrame) -> str:
+    """How far validation ranks the runs as the test set does (Spearman, over runs)."""
+    val = pd.DataFrame([_val(Path(out)) for out in results.out])
+    pairs = {
+        "val ROC AUC ~ test ROC AUC": (val.roc_auc, results.roc_auc),
+        "val loss ~ test accuracy": (val.loss, results.accuracy),
+        "val accuracy ~ test accuracy": (val.accuracy, results.accuracy),
+    }
+    return "Spearman over runs: " + "; ".join(
+        f"{name} {spearmanr(a, b).statistic:+.2f}" for name, (a, b) in pairs.items()
+    )
+
+
 def _mean_sd(values: pd.Series) -> str:
     sd = f" ± {values.std():.4f}" if len(values) > 1 else ""
     return f"{values.mean():.4f}{sd}"
@@ -113,8 +128,12 @@ def _delta(pairs: pd.DataFrame, cells: set, base_cells: set, metric: str) -> str
     return ""
 
 
+def _val(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())["val"]
+
+
 def _val_loss(run: Path) -> float:
-    return json.loads((run / "metrics.json").read_text())["val"]["loss"]
+    return _val(run)["loss"]
 
 
 def _show(name: str, out: Path) -> None:
