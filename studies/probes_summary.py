@@ -4,7 +4,7 @@
 
 Per architecture, the frozen experiment (head x features x tta) with the lowest mean validation
 loss over its seeds is that architecture's probe (the trainer's own selection rule; validation
-ROC AUC is above 0.99 for every cell, too close to tell them apart). Then, each with
+ROC AUC, 0.984-0.996 for every run, is too close to tell them apart). Then, each with
 ``medxfer ensemble`` into ``STUDY/ensembles/NAME`` (test metrics with intervals, paired tests
 against the best member):
 
