@@ -121,16 +121,25 @@ def comparisons(study_dir: Path, compare: list[str], baseline: dict | None = Non
         pairs += _baseline_pairs(experiments, baseline or {}, {(a, b) for a, b, _ in pairs})
         for key_a, key_b, option in pairs:
             runs_a, runs_b = frame[keys == key_a], frame[keys == key_b]
-            differ = option if isinstance(option, list) else [option]
-            first_a, first_b = runs_a.iloc[0], runs_b.iloc[0]
-            header = {
-                "option": "baseline" if isinstance(option, list) else option,
-                "a": label(first_a, differ) if isinstance(option, list) else first_a[option],
-                "b": label(first_b, differ) if isinstance(option, list) else first_b[option],
-                "shared": label(first_a, [k for k in context if k not in differ]),
-            }
+            header = _header(runs_a.iloc[0], runs_b.iloc[0], option, context)
             rows += _pair(Path(study_dir), runs_a, runs_b, header)
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _header(run_a: pd.Series, run_b: pd.Series, option: str | list[str], context: list) -> dict:
+    """What a pair's rows say of it: the option and both values of a one-option pair, or
+    ``baseline`` with ``key=value`` of every option a baseline pair differs in."""
+    if isinstance(option, list):
+        name, a, b = "baseline", label(run_a, option), label(run_b, option)
+    else:
+        name, a, b = option, run_a[option], run_b[option]
+    differ = option if isinstance(option, list) else [option]
+    return {
+        "option": name,
+        "a": a,
+        "b": b,
+        "shared": label(run_a, [k for k in context if k not in differ]),
+    }
 
 
 def _compare_options(compare: list[str]) -> list[str]:

@@ -21,7 +21,7 @@ from medxfer.families import check_same_run, train_run
 from medxfer.locking import LockHeld, exclusive_lock
 from medxfer.storage.folder import RunFolder
 from medxfer.study.compare import save_settings, write_comparisons
-from medxfer.study.spec import PATH_OPTIONS, Cell, Study
+from medxfer.study.spec import Cell, Study, as_run
 from medxfer.study.table import write_results
 from medxfer.tracking import check_store, study_tracking
 
@@ -146,8 +146,4 @@ def _run_ray(plan: Plan, address: str | None, cpus: float | None, gpus: float) -
 
 def _absolute(cell: Cell) -> dict:
     """Options with file paths made absolute, so that remote workers find them."""
-    options = dict(cell.options)
-    for key in PATH_OPTIONS:
-        if options.get(key):
-            options[key] = str(Path(options[key]).expanduser().resolve())
-    return options
+    return {key: as_run(key, value) for key, value in cell.options.items()}

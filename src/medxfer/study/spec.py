@@ -66,6 +66,13 @@ class Study:
 
 
 PATH_OPTIONS = ("data", "weights", "cache_dir")  # made absolute where cells run
+
+
+def as_run(key: str, value: Any) -> Any:
+    """``value`` of option ``key`` as a cell runs it: paths absolute (remote workers find them)."""
+    return str(Path(value).expanduser().resolve()) if key in PATH_OPTIONS and value else value
+
+
 OPTION_OF = {column: option for option, column in COLUMN_OF.items()}
 PRESETS = ("paper", "paper-offline", "quick", "segmentation", "detection")
 
@@ -150,8 +157,7 @@ def _baseline(raw: Any, source: str) -> dict[str, Any]:
     for key in baseline:
         if key not in EXPERIMENT:
             raise MedxferError(f"{source}: study.baseline {key!r}: not an experiment option")
-        if key in PATH_OPTIONS:  # as the cells run them
-            baseline[key] = str(Path(baseline[key]).expanduser().resolve())
+        baseline[key] = as_run(key, baseline[key])  # as the cells run them
     return baseline
 
 
@@ -170,8 +176,7 @@ def _check_baseline(baseline: dict, options: dict, built: list, source: str) -> 
     build_options({**options, **{OPTION_OF.get(k, k): v for k, v in baseline.items()}, "out": "-"})
 
     def value(config, key: str) -> str:
-        found = getattr(config, key)
-        return str(Path(found).expanduser().resolve()) if key in PATH_OPTIONS else as_text(found)
+        return as_text(as_run(key, getattr(config, key)))
 
     if not any(all(value(c, k) == as_text(v) for k, v in baseline.items()) for c in built):
         shown = ", ".join(f"{OPTION_OF.get(k, k)}={v}" for k, v in baseline.items())
